@@ -1,0 +1,514 @@
+"""The BatchNorm math, in one place.
+
+Every layer of bn_lightning (plain, sync, ghost, renorm, frozen) calls these functions; nobody re-derives the
+formulas. The four classic steps of batch normalisation, for an input ``x`` of shape ``(N, C, *)`` and per-channel
+statistics over the ``n = N * prod(*)`` values of each channel:
+
+1. batch statistics: ``mu = sum(x) / n`` and the biased variance ``var = sum((x - mu)^2) / n``;
+2. normalise, scale and shift: ``y = (x - mu) / sqrt(var + eps) * gamma + beta``;
+3. back-propagate through the normalisation (closed form, see :func:`grad_input`)::
+
+       x_hat = (x - mu) / sqrt(var + eps)
+       dbeta = sum(dy)                      dgamma = sum(dy * x_hat)
+       dx = gamma / sqrt(var + eps) * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n)
+
+4. at inference, normalise with running statistics, which training updates as exponential averages (the
+   running variance from the UNBIASED batch variance ``var * n / (n - 1)``), exactly as ``torch.nn`` does.
+
+What this module provides:
+
+- :class:`BatchStats`, :func:`batch_stats`, :func:`merge_stats`: per-channel statistics, and their exact
+  combination across chunks or ranks (Chan et al.), numerically stable for large means;
+- :func:`normalize`: the inference-time transform with given (running) statistics, one pass;
+- :func:`grad_reductions` and :func:`grad_input`: the backward's two per-channel sums and the input gradient, kept
+  apart because SyncBatchNorm all-reduces exactly those sums;
+- :func:`update_running_stats`: the running-statistics update with torch's semantics (``momentum=None`` is a
+  cumulative average; ``num_batches_tracked``);
+- :func:`batch_norm` / :func:`batch_norm_with_stats`: the full forward of a BN layer, differentiable through a
+  :class:`torch.autograd.Function` with a hand-written backward, with an optional :class:`StatsReducer` that
+  synchronises statistics (one collective forward, one backward).
+
+Statistics are computed in float32 at least, also for float16/bfloat16 inputs (autocast); outputs keep the input's
+dtype, as ``torch.nn.BatchNorm2d`` does.
+
+Example::
+
+    >>> import torch
+    >>> from bn_lightning import functional as BF
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> rm, rv = torch.zeros(3), torch.ones(3)
+    >>> y = BF.batch_norm(x, rm, rv, training=True, momentum=0.1)
+    >>> torch.allclose(y, torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True), atol=1e-5)
+    True
+    >>> torch.allclose(rm, 0.1 * x.mean((0, 2, 3)))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "BatchStats",
+    "StatsReducer",
+    "batch_norm",
+    "batch_norm_with_stats",
+    "batch_stats",
+    "compute_dtype",
+    "grad_input",
+    "grad_reductions",
+    "merge_stats",
+    "normalize",
+    "reduce_dims",
+    "update_running_stats",
+]
+
+Count = Union[int, Tensor]
+
+
+class BatchStats(NamedTuple):
+    """Per-channel statistics of one batch.
+
+    Attributes:
+        mean: per-channel mean, shape ``(C,)``, float32 or float64, detached.
+        var: per-channel BIASED variance (divided by ``count``), shape ``(C,)``.
+        count: number of values per channel, ``N * prod(spatial)``: a Python int for one process, a tensor when the
+            statistics were merged across ranks.
+    """
+
+    mean: Tensor
+    var: Tensor
+    count: Count
+
+
+class StatsReducer(Protocol):
+    """What a synchronising layer plugs into :func:`batch_norm_with_stats`.
+
+    Local BN uses no reducer. SyncBatchNorm gives one whose two methods each run one collective.
+    """
+
+    def reduce_stats(self, mean: Tensor, var: Tensor, count: int) -> BatchStats:
+        """Combine this rank's statistics with its peers' (forward collective)."""
+        ...
+
+    def reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum the backward's per-channel reductions over the peers (backward collective)."""
+        ...
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions BN reduces over: all but the channel dimension 1.
+
+    Example::
+
+        >>> reduce_dims(torch.empty(2, 3, 4, 5))
+        (0, 2, 3)
+    """
+    return (0, *range(2, x.dim()))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float64 for float64 inputs, float32 for everything else.
+
+    Example::
+
+        >>> compute_dtype(torch.bfloat16)
+        torch.float32
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-channel ``(C,)`` tensor so that it broadcasts against ``x`` of shape ``(N, C, *)``."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Two-pass statistics: returns ``(mean, var, count, x - mean)``, all in the compute dtype.
+
+    The centred tensor is returned because the forward and the backward both need it; computing the variance from
+    it (instead of ``E[x^2] - E[x]^2``) keeps float32 exact for inputs whose mean is large relative to their spread:
+    an error ``d`` in the mean only enters the variance as ``d^2``.
+    """
+    dtype = compute_dtype(x.dtype)
+    dims = reduce_dims(x)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
+    mean = x.sum(dims, dtype=dtype).div_(denom)
+    centered = x - _channel_view(mean, x)  # type promotion gives the compute dtype without copying x first
+    var = centered.square().sum(dims).div_(denom)
+    return mean, var, count, centered
+
+
+def batch_stats(x: Tensor) -> BatchStats:
+    """Per-channel mean, biased variance and count of ``x`` of shape ``(N, C, *)``.
+
+    Args:
+        x: input of shape ``(N, C, *)``, any floating dtype; statistics are returned in float32 (float64 for a
+            float64 input).
+
+    Returns:
+        :class:`BatchStats` with ``mean`` and ``var`` of shape ``(C,)`` and the Python int ``count``.
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 10.0]])
+        >>> batch_stats(x)
+        BatchStats(mean=tensor([ 2., 10.]), var=tensor([1., 0.]), count=2)
+    """
+    with torch.no_grad():
+        mean, var, count, _ = _centered_stats(x)
+    return BatchStats(mean, var, count)
+
+
+def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
+    """Combine the statistics of ``k`` disjoint chunks into those of their union, exactly.
+
+    Uses the pairwise-stable form ``var = sum(n_i * (var_i + (mean_i - mean)^2)) / n``; chunks with ``n_i = 0``
+    (an empty batch on some rank) contribute nothing, whatever their mean and variance hold.
+
+    Args:
+        mean: ``(k, C)`` per-chunk means.
+        var: ``(k, C)`` per-chunk biased variances.
+        count: ``(k,)`` or ``(k, C)`` per-chunk counts.
+
+    Returns:
+        :class:`BatchStats` of the union, ``count`` a 0-d tensor (or ``(C,)`` for per-channel counts).
+
+    Example::
+
+        >>> a, b = torch.randn(5, 2), torch.randn(3, 2)
+        >>> s = merge_stats(torch.stack([a.mean(0), b.mean(0)]), torch.stack([a.var(0, correction=0),
+        ...                 b.var(0, correction=0)]), torch.tensor([5, 3]))
+        >>> torch.allclose(s.var, torch.cat([a, b]).var(0, correction=0))
+        True
+    """
+    if mean.shape != var.shape or mean.dim() != 2:
+        raise ValueError(f"merge_stats expects mean and var of shape (k, C), got {tuple(mean.shape)} and {tuple(var.shape)}")
+    counts = count.to(mean.dtype)
+    if counts.dim() == 1:
+        counts = counts.unsqueeze(1)
+    total = counts.sum(0)
+    weights = counts / total.clamp(min=1)
+    present = counts > 0
+    mean_all = torch.where(present, mean * weights, 0).sum(0)
+    spread = var + (mean - mean_all).square()
+    var_all = torch.where(present, spread * weights, 0).sum(0)
+    return BatchStats(mean_all, var_all, total.squeeze(0) if total.numel() == 1 else total)
+
+
+def _scale_shift(
+    invstd: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Fold ``(x - mean) * invstd * weight + bias`` into ``x * scale + shift`` (all per channel)."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = None if bias is None else bias.to(invstd.dtype)
+    if mean is not None:
+        shift = -mean * scale if shift is None else shift - mean * scale
+    return scale, shift
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``x * scale + shift`` in one pass, returned in ``out_dtype``."""
+    if shift is None:
+        y = x * _channel_view(scale, x)
+    else:
+        y = torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """Normalise ``x`` with GIVEN statistics (inference), scale and shift: one pass over ``x``.
+
+    Differentiable (autograd) in ``x``, ``weight`` and ``bias``; ``mean``/``var`` are treated as constants.
+
+    Args:
+        x: ``(N, C, *)``.
+        mean: ``(C,)`` e.g. the running mean.
+        var: ``(C,)`` e.g. the running variance.
+        weight: optional ``(C,)`` gamma.
+        bias: optional ``(C,)`` beta.
+        eps: added to the variance.
+
+    Returns:
+        ``(x - mean) / sqrt(var + eps) * weight + bias`` in the dtype and memory format of ``x``.
+
+    Example::
+
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(normalize(x, torch.zeros(3), torch.ones(3), eps=0.0), x)
+        True
+    """
+    return _BatchNormEvalFn.apply(x, mean, var, weight, bias, eps)
+
+
+def grad_reductions(
+    grad_out: Tensor, centered: Tensor, invstd: Tensor, offset: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The backward's two per-channel sums: ``sum(dy)`` and ``sum(dy * x_hat)``.
+
+    SyncBatchNorm all-reduces exactly these two before calling :func:`grad_input`.
+
+    Args:
+        grad_out: ``dy``, shape ``(N, C, *)``.
+        centered: ``x - c`` in the compute dtype, for some per-channel centre ``c``.
+        invstd: ``1 / sqrt(var + eps)``, shape ``(C,)``.
+        offset: ``mean - c`` when the normalisation mean differs from the centre (SyncBatchNorm centres on the
+            local mean, normalises with the global one); ``None`` means zero.
+
+    Returns:
+        ``(sum_dy, sum_dy_xhat)``, each ``(C,)`` in the compute dtype.
+    """
+    dims = reduce_dims(grad_out)
+    dy = grad_out.to(centered.dtype)
+    sum_dy = dy.sum(dims)
+    sum_dy_xc = (dy * centered).sum(dims)
+    if offset is not None:
+        sum_dy_xc = sum_dy_xc - offset * sum_dy
+    return sum_dy, sum_dy_xc * invstd
+
+
+def grad_input(
+    grad_out: Tensor,
+    centered: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: Count,
+    offset: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Closed-form input gradient of batch normalisation with batch statistics.
+
+    ``dx = gamma * invstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``, evaluated as
+    ``dx = dy * a + (x - c) * b + d`` with per-channel ``a, b, d``: two fused passes over the data.
+
+    Args:
+        grad_out: ``dy``, shape ``(N, C, *)``.
+        centered: ``x - c``, as for :func:`grad_reductions`.
+        invstd: ``1 / sqrt(var + eps)``, ``(C,)``.
+        weight: gamma ``(C,)`` or ``None``.
+        sum_dy: ``sum(dy)`` per channel (all-reduced for SyncBatchNorm).
+        sum_dy_xhat: ``sum(dy * x_hat)`` per channel (likewise).
+        count: values per channel behind the statistics (global for SyncBatchNorm).
+        offset: ``mean - c``, as for :func:`grad_reductions`.
+        out_dtype: dtype of the result (default: that of ``grad_out``).
+
+    Returns:
+        ``dx`` with the shape and memory format of ``grad_out``.
+    """
+    n = count.to(invstd.dtype).clamp(min=1) if isinstance(count, Tensor) else float(max(count, 1))
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    b = -a * invstd * (sum_dy_xhat / n)
+    d = -a * (sum_dy / n)
+    if offset is not None:
+        d = d - offset * b
+    dx = torch.addcmul(_channel_view(d, centered), centered, _channel_view(b, centered))
+    dx.addcmul_(grad_out, _channel_view(a, centered))
+    dtype = grad_out.dtype if out_dtype is None else out_dtype
+    return dx if dx.dtype == dtype else dx.to(dtype)
+
+
+class _BatchNormTrainFn(torch.autograd.Function):
+    """Batch-statistics BN with a hand-written backward; optional reducer for synchronised statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, reducer):  # type: ignore[override]
+        mean, var, count, centered = _centered_stats(x)
+        offset = None
+        if reducer is not None:
+            local_mean = mean
+            mean, var, count = reducer.reduce_stats(mean, var, count)
+            offset = mean - local_mean
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = _scale_shift(invstd, weight, bias, offset)
+        y = _affine(centered, scale, shift, x.dtype)
+        ctx.save_for_backward(centered, invstd, weight, offset)
+        ctx.count = count
+        ctx.reducer = reducer
+        ctx.in_dtype = x.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
+        centered, invstd, weight, offset = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xhat = grad_reductions(grad_out, centered, invstd, offset)
+        # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
+        grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
+        grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+        grad_x = None
+        if ctx.reducer is not None:
+            # every rank joins the backward collective, also when it needs no input gradient
+            sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
+        if need_x:
+            grad_x = grad_input(
+                grad_out, centered, invstd, weight, sum_dy, sum_dy_xhat, ctx.count, offset, out_dtype=ctx.in_dtype
+            )
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _BatchNormEvalFn(torch.autograd.Function):
+    """Running-statistics BN: ``y = x * scale + shift`` in one pass, with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps):  # type: ignore[override]
+        dtype = compute_dtype(x.dtype)
+        invstd = torch.rsqrt(var.to(dtype) + eps)
+        scale, shift = _scale_shift(invstd, weight, bias, mean.to(dtype))
+        ctx.save_for_backward(x, mean, invstd, weight)
+        return _affine(x, scale, shift, x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, mean, invstd, weight = ctx.saved_tensors
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        dims = reduce_dims(grad_out)
+        scale, _ = _scale_shift(invstd, weight, None, None)
+        grad_x = _affine(grad_out, scale, None, grad_out.dtype) if need_x else None
+        grad_w = grad_b = None
+        if need_w:
+            centered = x - _channel_view(mean.to(invstd.dtype), x)
+            grad_w = ((grad_out * centered).sum(dims) * invstd).to(weight.dtype)
+        if need_b:
+            grad_b = grad_out.sum(dims, dtype=invstd.dtype).to(weight.dtype if weight is not None else grad_out.dtype)
+        return grad_x, None, None, grad_w, grad_b, None
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stats: BatchStats,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+) -> None:
+    """Update running statistics in place, with ``torch.nn.BatchNorm``'s exact semantics.
+
+    ``running = (1 - f) * running + f * batch`` where ``f = momentum``, or ``f = 1 / num_batches_tracked`` (a
+    cumulative average) when ``momentum`` is ``None``. The running variance is updated with the UNBIASED batch
+    variance ``var * n / (n - 1)``. ``num_batches_tracked`` is incremented first. An empty batch (``count == 0``)
+    only increments the counter, as torch does. No host synchronisation: the factor stays a tensor.
+
+    Args:
+        running_mean: ``(C,)`` buffer, updated in place (or ``None``).
+        running_var: ``(C,)`` buffer, updated in place (or ``None``).
+        stats: the batch's :class:`BatchStats` (biased variance).
+        momentum: the exponential-average factor, or ``None`` for a cumulative average.
+        num_batches_tracked: the counter buffer, incremented in place (or ``None``).
+
+    Example::
+
+        >>> rm, rv, nbt = torch.zeros(1), torch.ones(1), torch.tensor(0)
+        >>> update_running_stats(rm, rv, BatchStats(torch.tensor([2.0]), torch.tensor([1.0]), 2), None, nbt)
+        >>> rm, rv, nbt
+        (tensor([2.]), tensor([2.]), tensor(1))
+    """
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor: float | Tensor = 0.0 if num_batches_tracked is None else 1.0 / num_batches_tracked.double()
+        else:
+            factor = momentum
+        count = stats.count
+        if isinstance(count, Tensor):
+            n = count.to(stats.var.dtype)
+            unbiased = stats.var * n / (n - 1).clamp(min=1)
+            keep = n > 0
+        else:
+            if count == 0:
+                return
+            unbiased = stats.var * (count / max(count - 1, 1))
+            keep = None
+        for buf, value in ((running_mean, stats.mean), (running_var, unbiased)):
+            if buf is None:
+                continue
+            f = factor.to(buf.dtype) if isinstance(factor, Tensor) else factor
+            new = buf * (1 - f) + value.to(buf.dtype) * f
+            buf.copy_(new if keep is None else torch.where(keep, new, buf))
+
+
+def batch_norm_with_stats(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    reducer: StatsReducer | None = None,
+) -> tuple[Tensor, BatchStats | None]:
+    """The forward of a BN layer; returns the output and the batch statistics it normalised with.
+
+    Semantics follow ``torch.nn.functional.batch_norm``: with ``training=True`` (or no running statistics) the batch
+    statistics normalise and, if given, the running buffers are updated (:func:`update_running_stats`); otherwise
+    the running statistics normalise (:func:`normalize`).
+
+    Args:
+        x: ``(N, C, *)``.
+        running_mean: ``(C,)`` buffer or ``None``.
+        running_var: ``(C,)`` buffer or ``None``.
+        weight: gamma ``(C,)`` or ``None``.
+        bias: beta ``(C,)`` or ``None``.
+        training: use batch statistics (and update the buffers).
+        momentum: exponential-average factor, ``None`` for a cumulative average.
+        eps: added to the variance.
+        num_batches_tracked: counter buffer, incremented when the running statistics are updated.
+        reducer: a :class:`StatsReducer` to synchronise statistics across processes (SyncBatchNorm).
+
+    Returns:
+        ``(y, stats)``: ``stats`` is the detached :class:`BatchStats` used (merged over the reducer's group), or
+        ``None`` when the running statistics were used.
+
+    Raises:
+        ValueError: training on a batch with a single value per channel (its variance is undefined).
+    """
+    if not training and running_mean is not None and running_var is not None:
+        return normalize(x, running_mean, running_var, weight, bias, eps), None
+    if reducer is None and x.dim() >= 2 and x.numel() == x.shape[1] and x.shape[1] > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    y, mean, var, count = _BatchNormTrainFn.apply(x, weight, bias, eps, reducer)
+    stats = BatchStats(mean, var, count)
+    if training and (running_mean is not None or running_var is not None):
+        update_running_stats(running_mean, running_var, stats, momentum, num_batches_tracked)
+    return y, stats
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    reducer: StatsReducer | None = None,
+) -> Tensor:
+    """Batch normalisation, a replacement for ``torch.nn.functional.batch_norm`` built on this module's core.
+
+    Same arguments as :func:`batch_norm_with_stats`; returns only the output.
+
+    Example::
+
+        >>> x = torch.randn(16, 4)
+        >>> y = batch_norm(x, None, None, training=True)
+        >>> torch.allclose(y.mean(0), torch.zeros(4), atol=1e-6)
+        True
+    """
+    return batch_norm_with_stats(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, reducer
+    )[0]

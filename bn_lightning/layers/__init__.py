@@ -1,0 +1,13 @@
+"""BatchNorm layers built on :mod:`bn_lightning.functional`."""
+
+from bn_lightning.layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, ScratchBatchNormMixin
+from bn_lightning.layers.factory import BATCHNORM_IMPLS, get_batchnorm_class
+
+__all__ = [
+    "BATCHNORM_IMPLS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ScratchBatchNormMixin",
+    "get_batchnorm_class",
+]
