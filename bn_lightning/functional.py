@@ -92,7 +92,10 @@ class StatsReducer(Protocol):
     """
 
     def reduce_stats(self, mean: Tensor, var: Tensor, count: int) -> BatchStats:
-        """Combine this rank's statistics with its peers' (forward collective)."""
+        """Combine this rank's statistics with its peers' (forward collective).
+
+        ``mean`` arrives, and must be returned, in float64; ``var`` is in the compute dtype.
+        """
         ...
 
     def reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,21 +130,24 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
-    """Two-pass statistics: returns ``(mean, var, count, x - mean)``, all in the compute dtype.
+def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
+    """Two-pass statistics: returns ``(center, offset, var, count, x - center)`` in the compute dtype.
 
-    The centred tensor is returned because the forward and the backward both need it; computing the variance from
-    it (instead of ``E[x^2] - E[x]^2``) keeps float32 exact for inputs whose mean is large relative to their spread:
-    an error ``d`` in the mean only enters the variance as ``d^2``.
+    ``center`` is the float32 mean, ``offset = mean(x - center)`` the part of the true mean that float32 cannot hold
+    at ``|mean|`` (its spacing is ``|mean| * 6e-8``: 1e-3 at 1e4), so the mean is ``center + offset`` and the
+    normalisation uses ``x - center - offset``. The variance is computed from the centred tensor (never as
+    ``E[x^2] - E[x]^2``), which keeps float32 exact for inputs whose mean is large relative to their spread. The
+    centred tensor is returned because the forward and the backward both need it.
     """
     dtype = compute_dtype(x.dtype)
     dims = reduce_dims(x)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
-    mean = x.sum(dims, dtype=dtype).div_(denom)
-    centered = x - _channel_view(mean, x)  # type promotion gives the compute dtype without copying x first
-    var = centered.square().sum(dims).div_(denom)
-    return mean, var, count, centered
+    center = x.sum(dims, dtype=dtype).div_(denom)
+    centered = x - _channel_view(center, x)  # type promotion gives the compute dtype without copying x first
+    offset = centered.sum(dims).div_(denom)
+    var = centered.square().sum(dims).div_(denom).sub_(offset.square()).clamp_(min=0)
+    return center, offset, var, count, centered
 
 
 def batch_stats(x: Tensor) -> BatchStats:
@@ -161,8 +167,8 @@ def batch_stats(x: Tensor) -> BatchStats:
         BatchStats(mean=tensor([ 2., 10.]), var=tensor([1., 0.]), count=2)
     """
     with torch.no_grad():
-        mean, var, count, _ = _centered_stats(x)
-    return BatchStats(mean, var, count)
+        center, offset, var, count, _ = _centered_stats(x)
+    return BatchStats(center + offset, var, count)
 
 
 def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
@@ -259,8 +265,9 @@ def grad_reductions(
         grad_out: ``dy``, shape ``(N, C, *)``.
         centered: ``x - c`` in the compute dtype, for some per-channel centre ``c``.
         invstd: ``1 / sqrt(var + eps)``, shape ``(C,)``.
-        offset: ``mean - c`` when the normalisation mean differs from the centre (SyncBatchNorm centres on the
-            local mean, normalises with the global one); ``None`` means zero.
+        offset: ``mean - c`` when the normalisation mean differs from the centre: the forward centres on the
+            float32-rounded local mean and normalises with the exact (for SyncBatchNorm: global) mean. ``None``
+            means zero.
 
     Returns:
         ``(sum_dy, sum_dy_xhat)``, each ``(C,)`` in the compute dtype.
@@ -321,12 +328,14 @@ class _BatchNormTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, reducer):  # type: ignore[override]
-        mean, var, count, centered = _centered_stats(x)
-        offset = None
-        if reducer is not None:
-            local_mean = mean
-            mean, var, count = reducer.reduce_stats(mean, var, count)
-            offset = mean - local_mean
+        center, offset, var, count, centered = _centered_stats(x)
+        if reducer is None:
+            mean = center + offset
+        else:
+            # peers exchange float64 means: a float32 mean is quantised at |mean| * 6e-8
+            mean64, var, count = reducer.reduce_stats(center.double() + offset.double(), var, count)
+            offset = (mean64 - center.double()).to(center.dtype)
+            mean = mean64.to(center.dtype)
         invstd = torch.rsqrt(var + eps)
         scale, shift = _scale_shift(invstd, weight, bias, offset)
         y = _affine(centered, scale, shift, x.dtype)

@@ -1,0 +1,1 @@
+"""Test helpers: RunIf-style skips, a tiny BN model, (later) the gloo process launcher."""
