@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+from bn_lightning.data import DigitsDataModule, SyntheticImageDataModule
+
+
+def _first_batch(dm):
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def test_digits_sizes_and_split():
+    dm = DigitsDataModule(val_fraction=0.2)
+    dm.setup()
+    n_train, n_val = len(dm.train_set), len(dm.val_set)
+    assert n_train + n_val == 1797
+    assert n_val == 360  # ceil(0.2 * 1797), as sklearn rounds the test size up
+    assert dm.num_classes == 10
+    assert dm.input_shape == (1, 8, 8)
+    # stratified: every class in both splits, in nearly the same proportions
+    train_counts = torch.bincount(dm.train_set.tensors[1], minlength=10).float()
+    val_counts = torch.bincount(dm.val_set.tensors[1], minlength=10).float()
+    assert (val_counts > 0).all()
+    torch.testing.assert_close(val_counts / n_val, train_counts / n_train, atol=0.01, rtol=0)
+
+
+def test_digits_dtypes_and_batches():
+    dm = DigitsDataModule(batch_size=32)
+    x, y = _first_batch(dm)
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+    assert int(y.min()) >= 0 and int(y.max()) < 10
+    assert len(dm.val_dataloader()) == -(-len(dm.val_set) // 32)
+
+
+def test_digits_standardised_with_train_stats():
+    dm = DigitsDataModule()
+    dm.setup()
+    x_train = dm.train_set.tensors[0]
+    assert abs(float(x_train.mean())) < 1e-4
+    assert abs(float(x_train.std(unbiased=False)) - 1) < 1e-4
+    x_val = dm.val_set.tensors[0]
+    assert abs(float(x_val.mean())) < 0.1  # same statistics, not its own
+    assert 0 < dm.std and 0 < dm.mean < 1
+
+
+def test_digits_flatten():
+    dm = DigitsDataModule(batch_size=16, flatten=True)
+    x, _ = _first_batch(dm)
+    assert x.shape == (16, 64)
+    assert dm.input_shape == (64,)
+    image = DigitsDataModule(batch_size=16)
+    image.setup()
+    torch.testing.assert_close(dm.train_set.tensors[0], image.train_set.tensors[0].flatten(1))
+
+
+def test_digits_determinism():
+    x1, y1 = _first_batch(DigitsDataModule(seed=3))
+    x2, y2 = _first_batch(DigitsDataModule(seed=3))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = _first_batch(DigitsDataModule(seed=4))
+    assert not torch.equal(x1, x3)
+    a, b = DigitsDataModule(seed=3), DigitsDataModule(seed=4)
+    a.setup()
+    b.setup()
+    assert not torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
+
+
+def test_digits_loaders():
+    dm = DigitsDataModule(batch_size=100, drop_last=True)
+    dm.setup()
+    assert len(dm.train_dataloader()) == len(dm.train_set) // 100
+    val_y = torch.cat([y for _, y in dm.val_dataloader()])
+    assert torch.equal(val_y, dm.val_set.tensors[1])  # not shuffled, nothing dropped
+    # each epoch of one loader reshuffles
+    loader = dm.train_dataloader()
+    first = [y for _, y in loader][0]
+    second = [y for _, y in loader][0]
+    assert not torch.equal(first, second)
+
+
+def test_digits_setup_is_idempotent():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    train_set = dm.train_set
+    dm.setup("validate")
+    assert dm.train_set is train_set
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
+def test_digits_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+def test_synthetic_shapes_and_labels():
+    dm = SyntheticImageDataModule(shape=(3, 16, 16), num_classes=5, num_samples=100, val_samples=30, batch_size=32)
+    dm.setup()
+    assert dm.input_shape == (3, 16, 16) and dm.num_classes == 5
+    x, y = dm.train_set.tensors
+    assert x.shape == (100, 3, 16, 16) and x.dtype == torch.float32
+    assert y.shape == (100,) and y.dtype == torch.int64
+    assert int(y.min()) >= 0 and int(y.max()) < 5
+    assert dm.val_set.tensors[0].shape == (30, 3, 16, 16)
+    assert len(dm.train_dataloader()) == 3  # drop_last by default
+    assert len(dm.val_dataloader()) == 1
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (32, 3, 16, 16) and yb.shape == (32,)
+
+
+def test_synthetic_default_shape():
+    dm = SyntheticImageDataModule(num_samples=64, val_samples=8)
+    x, _ = _first_batch(dm)
+    assert x.shape == (64, 3, 32, 32)
+
+
+def test_synthetic_vector_shape():
+    dm = SyntheticImageDataModule(shape=(20,), num_samples=16, val_samples=4, batch_size=8)
+    x, _ = _first_batch(dm)
+    assert x.shape == (8, 20)
+
+
+def test_synthetic_determinism():
+    kwargs = {"shape": (3, 8, 8), "num_samples": 64, "val_samples": 16, "batch_size": 16}
+    x1, y1 = _first_batch(SyntheticImageDataModule(seed=1, **kwargs))
+    x2, y2 = _first_batch(SyntheticImageDataModule(seed=1, **kwargs))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = _first_batch(SyntheticImageDataModule(seed=2, **kwargs))
+    assert not torch.equal(x1, x3)
+
+
+def test_synthetic_labels_are_learnable():
+    # the per-channel class offset makes the channel means predictive: nearest class centroid beats chance by far
+    dm = SyntheticImageDataModule(shape=(3, 8, 8), num_classes=4, num_samples=400, val_samples=200, batch_size=50)
+    dm.setup()
+    x, y = dm.train_set.tensors
+    feats = x.mean(dim=(2, 3))
+    centroids = torch.stack([feats[y == k].mean(0) for k in range(4)])
+    xv, yv = dm.val_set.tensors
+    pred = torch.cdist(xv.mean(dim=(2, 3)), centroids).argmin(1)
+    assert (pred == yv).float().mean() > 0.6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": ()}, "shape"),
+        ({"shape": (3, 0, 8)}, "shape"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"val_samples": 0}, "val_samples"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"num_samples": 10, "batch_size": 64}, "num_samples"),
+    ],
+)
+def test_synthetic_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticImageDataModule(**kwargs)
+
+
+def test_synthetic_small_without_drop_last():
+    dm = SyntheticImageDataModule(num_samples=10, val_samples=4, batch_size=64, drop_last=False, shape=(1, 4, 4))
+    dm.setup()
+    assert len(dm.train_dataloader()) == 1
