@@ -46,7 +46,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Union
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -67,7 +67,7 @@ __all__ = [
     "update_running_stats",
 ]
 
-Count = Union[int, Tensor]
+Count = int | Tensor  # a Python int for one process, a tensor once merged across ranks
 
 
 class BatchStats(NamedTuple):
@@ -194,7 +194,9 @@ def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
         True
     """
     if mean.shape != var.shape or mean.dim() != 2:
-        raise ValueError(f"merge_stats expects mean and var of shape (k, C), got {tuple(mean.shape)} and {tuple(var.shape)}")
+        raise ValueError(
+            f"merge_stats expects mean and var of shape (k, C), got {tuple(mean.shape)} and {tuple(var.shape)}"
+        )
     counts = count.to(mean.dtype)
     if counts.dim() == 1:
         counts = counts.unsqueeze(1)

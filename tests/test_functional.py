@@ -82,7 +82,9 @@ def test_merge_stats_equals_stats_of_concatenation_and_ignores_empty_chunks():
     g = torch.Generator().manual_seed(4)
     chunks = [1e3 + torch.randn(n, 5, generator=g, dtype=torch.float64) for n in (7, 1, 12)]
     means = torch.stack([c.mean(0) for c in chunks] + [torch.full((5,), float("nan"), dtype=torch.float64)])
-    vars_ = torch.stack([c.var(0, unbiased=False) for c in chunks] + [torch.full((5,), float("nan"), dtype=torch.float64)])
+    vars_ = torch.stack(
+        [c.var(0, unbiased=False) for c in chunks] + [torch.full((5,), float("nan"), dtype=torch.float64)]
+    )
     counts = torch.tensor([7, 1, 12, 0])
     merged = BF.merge_stats(means, vars_, counts)
     allx = torch.cat(chunks)

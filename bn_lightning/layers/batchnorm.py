@@ -1,4 +1,4 @@
-"""From-scratch ``BatchNorm1d``/``2d``/``3d``: drop-in replacements for ``torch.nn``'s, on :mod:`bn_lightning.functional`.
+"""From-scratch ``BatchNorm1d``/``2d``/``3d``: drop-in replacements for ``torch.nn``'s, built on the functional core.
 
 Provides :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and their shared base
 :class:`ScratchBatchNormMixin`. Each subclasses the matching ``torch.nn.BatchNormNd`` (and so torch's ``_BatchNorm``)

@@ -9,13 +9,19 @@ from torch import nn
 class TinyBNNet(nn.Module):
     """conv-BN2d-ReLU x2, pooled, then Linear-BN1d-ReLU-Linear: every BN kind a test needs, small and fast."""
 
-    def __init__(self, bn2d: type[nn.Module], bn1d: type[nn.Module], in_channels: int = 3, num_classes: int = 5,
-                 **bn_kwargs) -> None:
+    def __init__(
+        self, bn2d: type[nn.Module], bn1d: type[nn.Module], in_channels: int = 3, num_classes: int = 5, **bn_kwargs
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), bn2d(8, **bn_kwargs), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), bn2d(16, **bn_kwargs), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, 8, 3, padding=1, bias=False),
+            bn2d(8, **bn_kwargs),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            bn2d(16, **bn_kwargs),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(64, 32), bn1d(32, **bn_kwargs), nn.ReLU(), nn.Linear(32, num_classes))
 

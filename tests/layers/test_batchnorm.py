@@ -51,9 +51,9 @@ def _step(layer, x, grad):
 
 
 def _assert_same(ours, ref, dtype):
-    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, **TOL[dtype], msg=f"grad of {name}")
-    for (name, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers()):
+    for (name, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers(), strict=True):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=f"buffer {name}")
 
 
@@ -105,7 +105,9 @@ def test_bf16_autocast_cpu(case):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-@pytest.mark.parametrize("cls,shape", [(B.BatchNorm1d, (5, 3)), (B.BatchNorm2d, (3, 3, 2, 3)), (B.BatchNorm3d, (2, 3, 2, 2, 2))])
+@pytest.mark.parametrize(
+    "cls,shape", [(B.BatchNorm1d, (5, 3)), (B.BatchNorm2d, (3, 3, 2, 3)), (B.BatchNorm3d, (2, 3, 2, 2, 2))]
+)
 def test_gradcheck_float64(cls, shape, affine, training):
     layer = cls(3, affine=affine, dtype=torch.float64)
     if affine:
@@ -121,7 +123,7 @@ def test_gradcheck_float64(cls, shape, affine, training):
     params = {"weight": layer.weight, "bias": layer.bias} if affine else {}
 
     def fn(inp, *ps):
-        return torch.func.functional_call(layer, dict(zip(params, ps)), (inp,))
+        return torch.func.functional_call(layer, dict(zip(params, ps, strict=True)), (inp,))
 
     assert torch.autograd.gradcheck(fn, (x, *params.values()))
 
@@ -141,7 +143,7 @@ def test_training_equivalence_20_sgd_steps():
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), target).backward()
             opt.step()
-    for (name, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
     assert int(ours.features[1].num_batches_tracked) == 20
     ours.eval()
@@ -235,7 +237,8 @@ def test_empty_batch_matches_torch():
     ref(x.detach())
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
-    _ = [torch.testing.assert_close(a, b) for a, b in zip(ours.buffers(), ref.buffers())]
+    for a, b in zip(ours.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------- last batch statistics
