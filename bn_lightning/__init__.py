@@ -4,7 +4,8 @@ Flat re-exports of the public API; see the README for a tour.
 """
 
 from bn_lightning import functional
-from bn_lightning.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, get_batchnorm_class
+from bn_lightning.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from bn_lightning.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, get_batchnorm_class
 
 __version__ = "0.1.0"
 
@@ -12,7 +13,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "__version__",
+    "convert_sync_batchnorm",
     "functional",
     "get_batchnorm_class",
+    "revert_sync_batchnorm",
 ]

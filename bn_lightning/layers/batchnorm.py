@@ -9,10 +9,11 @@ for its constructor, parameters, buffers, ``state_dict`` format and ``isinstance
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.functional import BatchStats, StatsReducer, batch_norm_with_stats
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ScratchBatchNormMixin"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd", "ScratchBatchNormMixin"]
 
 
 class ScratchBatchNormMixin:
@@ -161,3 +162,20 @@ class BatchNorm3d(ScratchBatchNormMixin, nn.BatchNorm3d):
 
     _input_dims = (5,)
     _shape_hint = "(N, C, D, H, W)"
+
+
+class BatchNormXd(ScratchBatchNormMixin, _BatchNorm):
+    """Local from-scratch BN for any ``(N, C, *)`` input (torch's ``_BatchNormXd`` counterpart).
+
+    What :func:`bn_lightning.revert_sync_batchnorm` returns for a SyncBatchNorm that was constructed directly, whose
+    original dimensionality is unknown. Same constructor and ``state_dict`` as the other BN layers.
+
+    Example::
+
+        >>> import torch
+        >>> BatchNormXd(3)(torch.randn(4, 3, 2, 2, 2, 2)).shape
+        torch.Size([4, 3, 2, 2, 2, 2])
+    """
+
+    _input_dims = tuple(range(2, 33))
+    _shape_hint = "(N, C, *)"

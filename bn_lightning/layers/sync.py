@@ -1,0 +1,142 @@
+"""SyncBatchNorm for every device and backend: CPU tensors over gloo, CUDA tensors over nccl.
+
+Provides :class:`SyncBatchNorm` (a drop-in for :class:`torch.nn.SyncBatchNorm`, same constructor and ``state_dict``)
+and :class:`ProcessGroupReducer`, the :class:`~bn_lightning.functional.StatsReducer` it plugs into the functional core.
+Per layer and training step there is exactly one collective in forward (an all-gather of every rank's per-channel
+mean, variance and count, merged exactly with :func:`~bn_lightning.functional.merge_stats`) and one in backward (an
+all-reduce of the two per-channel gradient sums). Ours is deliberately NOT a subclass of ``torch.nn.SyncBatchNorm``:
+torch's DDP refuses to wrap a CPU module that holds one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from bn_lightning.functional import BatchStats, StatsReducer, merge_stats
+from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
+
+__all__ = ["ProcessGroupReducer", "SyncBatchNorm"]
+
+# torch >= 2.13 renames all_gather_into_tensor (and deprecates the old name); torch 2.3 only has the old one
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch >= 2.13 has BatchNorm(..., bias=False): gamma without beta
+NORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_NormBase.__init__).parameters
+
+
+class ProcessGroupReducer:
+    """Synchronises BN statistics over a process group: one collective per call.
+
+    Args:
+        group: the process group (``None`` = the default group).
+        world_size: its size.
+        layer_name: used in error messages.
+    """
+
+    def __init__(self, group: Any, world_size: int, layer_name: str = "SyncBatchNorm") -> None:
+        self.group = group
+        self.world_size = world_size
+        self.layer_name = layer_name
+
+    def reduce_stats(self, mean: Tensor, var: Tensor, count: int) -> BatchStats:
+        """All-gather ``[mean, var, count]`` (float64, one packed tensor) and merge the ranks' statistics exactly.
+
+        A rank with an empty batch sends ``count = 0`` and still joins the collective, so no peer hangs.
+
+        Raises:
+            ValueError: the whole group holds a single value per channel (checked on the host only when this
+                rank's own count is <= 1, so the common case costs no synchronisation).
+        """
+        channels = mean.numel()
+        packed = torch.cat([mean.double(), var.double(), mean.new_full((1,), float(count), dtype=torch.float64)])
+        gathered = packed.new_empty(self.world_size * packed.numel())
+        _all_gather_single(gathered, packed, group=self.group)
+        rows = gathered.view(self.world_size, -1)
+        merged = merge_stats(rows[:, :channels], rows[:, channels : 2 * channels], rows[:, 2 * channels])
+        if count <= 1 and int(merged.count) == 1:
+            raise ValueError(
+                f"{self.layer_name}: expected more than 1 value per channel when training, but the whole process "
+                f"group of {self.world_size} ranks holds 1"
+            )
+        return BatchStats(merged.mean, merged.var.to(var.dtype), merged.count)
+
+    def reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
+        """All-reduce (sum) the backward's two per-channel sums, packed into one tensor."""
+        packed = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(packed, group=self.group)
+        return packed[: sum_dy.numel()], packed[sum_dy.numel() :]
+
+
+class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
+    r"""Batch normalisation with statistics synchronised over a process group, on any device and backend.
+
+    The same formula as :class:`bn_lightning.BatchNorm2d`, but mean and variance are those of the union of all
+    ranks' batches (ranks may hold different batch sizes, even zero), so the outputs, input gradients and running
+    statistics equal one process running the concatenated batch. ``weight``/``bias`` gradients are the rank's own
+    share; DDP's gradient all-reduce sums them, exactly as with ``torch.nn.SyncBatchNorm``.
+
+    No communication happens in eval mode (running statistics, or the local batch when
+    ``track_running_stats=False``), in a group of one, or when no process group is initialised: then the layer is
+    plain local BN, so the same model runs unchanged in a single process.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance. Default: 1e-5.
+        momentum: running-average factor, or ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: True.
+        track_running_stats: keep running estimates. Default: True.
+        process_group: synchronise within this group (``None``: the default group, i.e. all ranks).
+        device: parameter and buffer device.
+        dtype: parameter and buffer dtype.
+        bias: learn beta (torch >= 2.13 only allows ``False``: gamma without beta).
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> import torch
+        >>> from bn_lightning import SyncBatchNorm
+        >>> bn = SyncBatchNorm(4)  # no process group initialised here: behaves as local BN
+        >>> bn(torch.randn(8, 4, 3, 3)).shape
+        torch.Size([8, 4, 3, 3])
+        >>> sorted(bn.state_dict()) == sorted(torch.nn.SyncBatchNorm(4).state_dict())
+        True
+    """
+
+    _input_dims = tuple(range(2, 33))
+    _shape_hint = "(N, C, *)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        kwargs: dict[str, Any] = {"bias": bias} if NORM_HAS_BIAS_FLAG else {}
+        if not bias and not NORM_HAS_BIAS_FLAG:
+            raise ValueError(f"bias=False needs torch >= 2.13 (installed: {torch.__version__})")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kwargs)
+        self.process_group = process_group
+
+    def _stats_reducer(self) -> StatsReducer | None:
+        if not self.training or not dist.is_available() or not dist.is_initialized():
+            return None
+        group = self.process_group
+        world_size = dist.get_world_size(group)
+        if world_size == 1:
+            return None
+        return ProcessGroupReducer(group, world_size, f"{self._get_name()}({self.num_features})")
