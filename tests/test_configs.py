@@ -1,0 +1,173 @@
+"""Every option of every config group under conf/ composes, and instantiates what it describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bn_lightning.layers import ScratchBatchNormMixin
+from bn_lightning.module import ClassificationModule
+from bn_lightning.train import instantiate_callbacks, instantiate_loggers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group: the yaml files in conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(output_dir: Path | str, overrides: tuple[str, ...] = (), hydra_config: bool = False) -> DictConfig:
+    """Compose conf/config.yaml with ``overrides``, writing under ``output_dir`` instead of Hydra's run dir."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={output_dir}", *overrides], return_hydra_config=hydra_config)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
+    """The default config, composed once for the tests that only read it."""
+    return compose_config(tmp_path_factory.mktemp("run"))
+
+
+def test_groups_have_the_expected_options() -> None:
+    assert {"digits", "synthetic"} <= set(options("data"))
+    assert {"cnn", "mlp", "resnet20"} <= set(options("model"))
+    assert set(options("bn")) == {"scratch", "torch"}
+    assert {"default", "none"} <= set(options("callbacks"))
+    assert {"default", "ddp"} <= set(options("trainer"))
+    assert {"csv", "many", "tensorboard", "wandb"} <= set(options("logger"))
+    assert options("experiment"), "conf/experiment/ needs at least one example"
+    assert options("hydra") == ["default"]
+
+
+def test_default_config(cfg: DictConfig) -> None:
+    assert cfg.data._target_ == "bn_lightning.data.DigitsDataModule"
+    assert cfg.model._target_ == "bn_lightning.models.SmallCNN"
+    assert cfg.model.norm == cfg.bn.impl == "torch"
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.task_name == "train"
+    assert cfg.module.scheduler.T_max == cfg.trainer.max_epochs
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_hydra_run_dir(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ("task_name=demo",), hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("outputs/demo/runs/")
+    assert cfg.hydra.sweep.dir.startswith("outputs/demo/multiruns/")
+    # resolves only inside a real run, where hydra.runtime.output_dir is set
+    raw = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    assert raw["handlers"]["file"]["filename"] == "${hydra.runtime.output_dir}/${task_name}.log"
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_instantiates(tmp_path: Path, data: str) -> None:
+    cfg = compose_config(tmp_path, (f"data={data}",))
+    dm = hydra.utils.instantiate(cfg.data)
+    assert isinstance(dm, pl.LightningDataModule)
+    # data_info, which the model configs read, must describe what the datamodule yields
+    assert dm.num_classes == cfg.data_info.num_classes
+    assert tuple(dm.input_shape) == tuple(cfg.data_info.input_shape)
+    assert cfg.data_info.in_channels == dm.input_shape[0]
+    assert cfg.data_info.in_features == torch.Size(dm.input_shape).numel()
+
+
+@pytest.mark.parametrize("bn", options("bn"))
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("data", options("data"))
+def test_model_instantiates_for_every_data(tmp_path: Path, data: str, model: str, bn: str) -> None:
+    cfg = compose_config(tmp_path, (f"data={data}", f"model={model}", f"bn={bn}"))
+    net = hydra.utils.instantiate(cfg.model)
+    assert isinstance(net, nn.Module)
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+    assert bns, f"{model} has no BatchNorm layer"
+    assert all(isinstance(m, ScratchBatchNormMixin) == (bn == "scratch") for m in bns)
+    x = torch.randn(4, *cfg.data_info.input_shape)
+    assert net(x).shape == (4, cfg.data_info.num_classes)
+
+
+def test_module_instantiates(cfg: DictConfig) -> None:
+    net = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.module, net=net)
+    assert isinstance(module, ClassificationModule) and module.net is net
+    opt_cfg = module.configure_optimizers()
+    optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == cfg.module.optimizer.lr
+    assert optimizer.defaults["weight_decay"] == cfg.module.optimizer.weight_decay
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == cfg.trainer.max_epochs
+
+
+def test_module_without_scheduler(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ("module.scheduler=null",))
+    module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
+    assert isinstance(module.configure_optimizers(), torch.optim.SGD)
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_callbacks_instantiate(tmp_path: Path, callbacks: str) -> None:
+    cfg = compose_config(tmp_path, (f"callbacks={callbacks}",))
+    objs = instantiate_callbacks(cfg.callbacks)
+    assert all(isinstance(cb, pl.Callback) for cb in objs)
+    if callbacks == "default":
+        ckpt = next(cb for cb in objs if isinstance(cb, ModelCheckpoint))
+        assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
+        assert ckpt.monitor == "val/acc" and ckpt.mode == "max" and ckpt.save_last
+        assert any(isinstance(cb, LearningRateMonitor) for cb in objs)
+    if callbacks == "none":
+        assert objs == []
+
+
+def test_callback_can_be_dropped(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ("callbacks.lr_monitor=null",))
+    assert [type(cb) for cb in instantiate_callbacks(cfg.callbacks)] == [ModelCheckpoint]
+
+
+LOGGER_TYPES = {
+    "csv": [CSVLogger],
+    "tensorboard": [TensorBoardLogger],
+    "wandb": [WandbLogger],
+    "many": [CSVLogger, TensorBoardLogger],
+}
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_loggers_instantiate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logger: str) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose_config(tmp_path, (f"logger={logger}",))
+    objs = instantiate_loggers(cfg.logger)
+    assert [type(lg) for lg in objs] == LOGGER_TYPES[logger]
+    for lg in objs:
+        assert Path(lg.save_dir).is_relative_to(tmp_path)
+    if logger == "wandb":
+        assert cfg.logger.wandb.offline is True
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_instantiates(tmp_path: Path, trainer: str) -> None:
+    cfg = compose_config(tmp_path, (f"trainer={trainer}",))
+    obj = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert isinstance(obj, pl.Trainer)
+    assert obj.max_epochs == cfg.trainer.max_epochs
+    if trainer == "ddp":
+        assert obj.num_devices == 2 and type(obj.strategy).__name__ == "DDPStrategy"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_config(tmp_path, (f"experiment={experiment}",))
+    assert cfg.task_name == experiment  # each experiment writes to outputs/<its name>/
+    OmegaConf.resolve(cfg)
+    net = hydra.utils.instantiate(cfg.model)
+    assert net(torch.randn(2, *cfg.data_info.input_shape)).shape == (2, cfg.data_info.num_classes)

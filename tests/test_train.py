@@ -1,0 +1,159 @@
+"""train(cfg) end to end on shrunk configs, resuming, the experiment files, wandb offline and the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bn_lightning.layers import ScratchBatchNormMixin
+from bn_lightning.module import ClassificationModule
+from bn_lightning.train import train, train_and_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# a couple of batches per epoch, quiet: each run takes about a second
+SHRINK = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+
+
+def shrunk_config(output_dir: Path, *overrides: str) -> DictConfig:
+    """The config of conf/ with ``overrides``, shrunk to a few batches, writing under ``output_dir``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={output_dir}", *SHRINK, *overrides])
+
+
+def read_metrics(log_dir: str) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("bn", ["torch", "scratch"])
+@pytest.mark.parametrize("model", ["cnn", "mlp", "resnet20"])
+def test_train_fast(tmp_path: Path, model: str, bn: str) -> None:
+    cfg = shrunk_config(tmp_path, f"model={model}", f"bn={bn}")
+    metrics, objects = train(cfg)
+
+    assert {"cfg", "datamodule", "model", "module", "callbacks", "loggers", "trainer"} <= set(objects)
+    assert objects["module"].net is objects["model"]
+    bns = [m for m in objects["model"].modules() if isinstance(m, _BatchNorm)]
+    assert bns and all(isinstance(m, ScratchBatchNormMixin) == (bn == "scratch") for m in bns)
+
+    assert objects["trainer"].global_step == 2
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["train/loss_epoch"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    rows = read_metrics(objects["trainer"].log_dir)
+    assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
+
+
+def test_train_logs_config_and_seed(tmp_path: Path) -> None:
+    cfg = shrunk_config(tmp_path, "seed=7")
+    _, objects = train(cfg)
+    hparams = (Path(objects["trainer"].log_dir) / "hparams.yaml").read_text()
+    assert "cfg:" in hparams and "seed: 7" in hparams and "SmallCNN" in hparams
+
+
+def test_train_without_callbacks_or_loggers(tmp_path: Path) -> None:
+    cfg = shrunk_config(tmp_path, "callbacks=none", "~logger")
+    metrics, objects = train(cfg)
+    assert objects["callbacks"] == [] and objects["loggers"] == []
+    assert objects["trainer"].loggers == []
+    assert "val/acc" in metrics
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_resume_from_last_ckpt(tmp_path: Path) -> None:
+    _, first = train(shrunk_config(tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    # plain data only in the checkpoint: it loads with torch.load(weights_only=True), torch's default
+    module = ClassificationModule.load_from_checkpoint(last, net=hydra.utils.instantiate(first["cfg"].model))
+    assert module.hparams.num_classes == 10
+
+    # resume in the same run directory, as `scripts/train.py hydra.run.dir=<run> ckpt_path=<run>/checkpoints/last.ckpt`
+    _, objects = train(shrunk_config(tmp_path, "trainer.max_epochs=2", f"ckpt_path={last}"))
+    trainer = objects["trainer"]
+    assert trainer.current_epoch == 2 and trainer.global_step == 4
+    assert Path(trainer.log_dir).name == "version_1"  # the first run's logs are kept
+    # only the second epoch ran in the resumed run
+    epochs = {row["epoch"] for row in read_metrics(trainer.log_dir) if row["val/acc"]}
+    assert epochs == {"1"}
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_experiment_runs(tmp_path: Path, experiment: str) -> None:
+    metrics, objects = train(shrunk_config(tmp_path, f"experiment={experiment}"))
+    assert objects["cfg"].task_name == experiment
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+
+
+def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    metrics, objects = train(shrunk_config(tmp_path, "logger=wandb"))
+    assert "val/acc" in metrics
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+
+
+def test_train_and_report_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    val_acc = train_and_report(shrunk_config(tmp_path))
+    out = capsys.readouterr().out
+    assert f"Run written to: {tmp_path}" in out
+    assert re.search(r"Final val/acc: (\d\.\d{4})", out).group(1) == f"{val_acc:.4f}"
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_cli_default_config_reaches_accuracy(tmp_path: Path) -> None:
+    """The real command line with the default config: the digits CNN must exceed 95% validation accuracy."""
+    proc = run_cli(f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Run written to: {tmp_path}" in proc.stdout
+    acc = float(re.search(r"Final val/acc: ([0-9.]+)", proc.stdout).group(1))
+    assert acc > 0.95, proc.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "train.log").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_cli_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """`trainer=ddp`: Lightning re-runs the script for rank 1; both ranks train and rank 0 reports."""
+    proc = run_cli(f"hydra.run.dir={tmp_path}", "trainer=ddp", *SHRINK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Final val/acc:") == 1  # printed by rank 0 only
+    assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
