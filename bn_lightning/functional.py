@@ -130,24 +130,44 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
-    """Two-pass statistics: returns ``(center, offset, var, count, x - center)`` in the compute dtype.
+def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-channel sum of ``t`` over all dims but 1, in ``dtype`` (default: ``t``'s).
+
+    For NCHW-contiguous and channels-last float32/float64 tensors this is a matrix-vector product with a vector of
+    ones (BLAS gemv reads the data once at memory speed, ~25% faster than ``Tensor.sum`` over dims (0, 2, 3) on CPU);
+    other layouts and dtypes use ``Tensor.sum``.
+    """
+    dtype = t.dtype if dtype is None else dtype
+    if t.dtype == dtype and dtype in (torch.float32, torch.float64) and t.dim() > 2 and t.numel() > 0:
+        n, c = t.shape[0], t.shape[1]
+        length = t.numel() // (n * c)
+        if t.is_contiguous():  # rows of `length` values: (N*C, L) @ ones(L), then the N partial sums
+            return torch.mv(t.view(n * c, length), t.new_ones(length)).view(n, c).sum(0)
+        rows = t.permute(0, *range(2, t.dim()), 1)
+        if rows.is_contiguous():  # channels-last: ones(N*L) @ (N*L, C)
+            return torch.mv(rows.reshape(n * length, c).t(), t.new_ones(n * length))
+    return t.sum(reduce_dims(t), dtype=dtype)
+
+
+def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor]:
+    """Two-pass statistics: returns ``(center, offset, var, count, x - center, scratch)`` in the compute dtype.
 
     ``center`` is the float32 mean, ``offset = mean(x - center)`` the part of the true mean that float32 cannot hold
     at ``|mean|`` (its spacing is ``|mean| * 6e-8``: 1e-3 at 1e4), so the mean is ``center + offset`` and the
     normalisation uses ``x - center - offset``. The variance is computed from the centred tensor (never as
     ``E[x^2] - E[x]^2``), which keeps float32 exact for inputs whose mean is large relative to their spread. The
-    centred tensor is returned because the forward and the backward both need it.
+    centred tensor is returned because the forward and the backward both need it; ``scratch`` (it held the squares)
+    is dead, free for the forward's output.
     """
     dtype = compute_dtype(x.dtype)
-    dims = reduce_dims(x)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
-    center = x.sum(dims, dtype=dtype).div_(denom)
+    center = _channel_sum(x, dtype).div_(denom)
     centered = x - _channel_view(center, x)  # type promotion gives the compute dtype without copying x first
-    offset = centered.sum(dims).div_(denom)
-    var = centered.square().sum(dims).div_(denom).sub_(offset.square()).clamp_(min=0)
-    return center, offset, var, count, centered
+    offset = _channel_sum(centered).div_(denom)
+    scratch = centered * centered
+    var = _channel_sum(scratch).div_(denom).sub_(offset.square()).clamp_(min=0)
+    return center, offset, var, count, centered, scratch
 
 
 def batch_stats(x: Tensor) -> BatchStats:
@@ -167,7 +187,7 @@ def batch_stats(x: Tensor) -> BatchStats:
         BatchStats(mean=tensor([ 2., 10.]), var=tensor([1., 0.]), count=2)
     """
     with torch.no_grad():
-        center, offset, var, count, _ = _centered_stats(x)
+        center, offset, var, count, _, _ = _centered_stats(x)
     return BatchStats(center + offset, var, count)
 
 
@@ -220,12 +240,20 @@ def _scale_shift(
     return scale, shift
 
 
-def _affine(x: Tensor, scale: Tensor, shift: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``x * scale + shift`` in one pass, returned in ``out_dtype``."""
-    if shift is None:
-        y = x * _channel_view(scale, x)
-    else:
-        y = torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))
+def _affine(
+    x: Tensor, scale: Tensor, shift: Tensor | None, out_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """``x * scale + shift`` (per channel), returned in ``out_dtype``; written into ``out`` (a free buffer) if given.
+
+    A multiply then an in-place add: ATen's vectorised CPU loop takes at most one broadcast operand, so the ternary
+    ``torch.addcmul(shift, x, scale)`` runs scalar code and is slower than both passes together. Reusing a dead
+    activation-sized buffer avoids first-touch page faults on a fresh allocation.
+    """
+    if out is not None and (out.dtype != x.dtype or out.shape != x.shape):
+        out = None
+    y = x * _channel_view(scale, x) if out is None else torch.mul(x, _channel_view(scale, x), out=out)
+    if shift is not None:
+        y.add_(_channel_view(shift, x))
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -274,13 +302,20 @@ def grad_reductions(
     Returns:
         ``(sum_dy, sum_dy_xhat)``, each ``(C,)`` in the compute dtype.
     """
-    dims = reduce_dims(grad_out)
+    return _grad_reductions(grad_out, centered, invstd, offset)[:2]
+
+
+def _grad_reductions(
+    grad_out: Tensor, centered: Tensor, invstd: Tensor, offset: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`grad_reductions`, plus the dead ``dy * centered`` buffer, free for the input gradient."""
     dy = grad_out.to(centered.dtype)
-    sum_dy = dy.sum(dims)
-    sum_dy_xc = (dy * centered).sum(dims)
+    sum_dy = _channel_sum(dy)
+    product = dy * centered
+    sum_dy_xc = _channel_sum(product)
     if offset is not None:
         sum_dy_xc = sum_dy_xc - offset * sum_dy
-    return sum_dy, sum_dy_xc * invstd
+    return sum_dy, sum_dy_xc * invstd, product
 
 
 def grad_input(
@@ -293,6 +328,7 @@ def grad_input(
     count: Count,
     offset: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Closed-form input gradient of batch normalisation with batch statistics.
 
@@ -309,6 +345,7 @@ def grad_input(
         count: values per channel behind the statistics (global for SyncBatchNorm).
         offset: ``mean - c``, as for :func:`grad_reductions`.
         out_dtype: dtype of the result (default: that of ``grad_out``).
+        out: an optional free buffer shaped like ``centered`` (compute dtype) to write the result into.
 
     Returns:
         ``dx`` with the shape and memory format of ``grad_out``.
@@ -319,7 +356,7 @@ def grad_input(
     d = -a * (sum_dy / n)
     if offset is not None:
         d = d - offset * b
-    dx = torch.addcmul(_channel_view(d, centered), centered, _channel_view(b, centered))
+    dx = _affine(centered, b, d, centered.dtype, out=out)
     dx.addcmul_(grad_out, _channel_view(a, centered))
     dtype = grad_out.dtype if out_dtype is None else out_dtype
     return dx if dx.dtype == dtype else dx.to(dtype)
@@ -330,7 +367,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, reducer):  # type: ignore[override]
-        center, offset, var, count, centered = _centered_stats(x)
+        center, offset, var, count, centered, scratch = _centered_stats(x)
         if reducer is None:
             mean = center + offset
         else:
@@ -340,7 +377,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
             mean = mean64.to(center.dtype)
         invstd = torch.rsqrt(var + eps)
         scale, shift = _scale_shift(invstd, weight, bias, offset)
-        y = _affine(centered, scale, shift, x.dtype)
+        y = _affine(centered, scale, shift, x.dtype, out=scratch)
         ctx.save_for_backward(centered, invstd, weight, offset)
         ctx.count = count
         ctx.reducer = reducer
@@ -353,7 +390,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
     def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
         centered, invstd, weight, offset = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat = grad_reductions(grad_out, centered, invstd, offset)
+        sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
         # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
         grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
@@ -363,7 +400,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
             sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
         if need_x:
             grad_x = grad_input(
-                grad_out, centered, invstd, weight, sum_dy, sum_dy_xhat, ctx.count, offset, out_dtype=ctx.in_dtype
+                grad_out, centered, invstd, weight, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch
             )
         return grad_x, grad_w, grad_b, None, None
 
@@ -443,6 +480,9 @@ def update_running_stats(
             keep = None
         for buf, value in ((running_mean, stats.mean), (running_var, unbiased)):
             if buf is None:
+                continue
+            if keep is None and not isinstance(factor, Tensor):
+                buf.mul_(1 - factor).add_(value.to(buf.dtype), alpha=factor)
                 continue
             f = factor.to(buf.dtype) if isinstance(factor, Tensor) else factor
             new = buf * (1 - f) + value.to(buf.dtype) * f
