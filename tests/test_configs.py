@@ -42,7 +42,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
 def test_groups_have_the_expected_options() -> None:
     assert {"digits", "synthetic"} <= set(options("data"))
     assert {"cnn", "mlp", "resnet20"} <= set(options("model"))
-    assert set(options("bn")) == {"scratch", "torch"}
+    assert set(options("bn")) == {"scratch", "sync", "torch"}
     assert {"default", "none"} <= set(options("callbacks"))
     assert {"default", "ddp"} <= set(options("trainer"))
     assert {"csv", "many", "tensorboard", "wandb"} <= set(options("logger"))
@@ -90,7 +90,7 @@ def test_model_instantiates_for_every_data(tmp_path: Path, data: str, model: str
     assert isinstance(net, nn.Module)
     bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
     assert bns, f"{model} has no BatchNorm layer"
-    assert all(isinstance(m, ScratchBatchNormMixin) == (bn == "scratch") for m in bns)
+    assert all(isinstance(m, ScratchBatchNormMixin) == (bn in ("scratch", "sync")) for m in bns)
     x = torch.randn(4, *cfg.data_info.input_shape)
     assert net(x).shape == (4, cfg.data_info.num_classes)
 
@@ -171,3 +171,12 @@ def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
     OmegaConf.resolve(cfg)
     net = hydra.utils.instantiate(cfg.model)
     assert net(torch.randn(2, *cfg.data_info.input_shape)).shape == (2, cfg.data_info.num_classes)
+
+
+def test_bn_sync_adds_the_plugin_to_the_trainer(tmp_path: Path) -> None:
+    from bn_lightning.plugins import SyncBatchNormPlugin
+
+    cfg = compose_config(tmp_path, ("bn=sync", "trainer=ddp"))
+    assert cfg.bn.impl == "scratch"
+    plugin = hydra.utils.instantiate(cfg.trainer.plugins[0])
+    assert isinstance(plugin, SyncBatchNormPlugin) and plugin.group_size is None

@@ -150,10 +150,16 @@ def test_cli_default_config_reaches_accuracy(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_cli_ddp_two_cpu_processes(tmp_path: Path) -> None:
-    """`trainer=ddp`: Lightning re-runs the script for rank 1; both ranks train and rank 0 reports."""
-    proc = run_cli(f"hydra.run.dir={tmp_path}", "trainer=ddp", *SHRINK)
+@pytest.mark.parametrize("bn", ["torch", "sync"])
+def test_cli_ddp_two_cpu_processes(tmp_path: Path, bn: str) -> None:
+    """`trainer=ddp`: Lightning re-runs the script for rank 1; both ranks train and rank 0 reports.
+
+    With `bn=sync` the BN layers are synchronised over gloo on CPU, where torch's SyncBatchNorm refuses to run.
+    """
+    proc = run_cli(f"hydra.run.dir={tmp_path}", "trainer=ddp", f"bn={bn}", *SHRINK)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if bn == "sync":  # synchronisation itself is checked in tests/test_plugins.py
+        assert "SyncBatchNormPlugin" in (tmp_path / ".hydra" / "config.yaml").read_text()
     assert proc.stdout.count("Final val/acc:") == 1  # printed by rank 0 only
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
