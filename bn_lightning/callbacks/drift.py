@@ -1,0 +1,257 @@
+"""RunningStatDrift: how far the running statistics (what eval uses) are from the batches, and health checks.
+
+Provides :class:`RunningStatDrift` and :class:`BatchNormHealthError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from bn_lightning.callbacks._base import BatchNormCallbackBase, layer_batch_stats
+
+__all__ = ["CHECKS", "BatchNormHealthError", "RunningStatDrift", "gaussian_kl"]
+
+#: health checks and what they look at
+CHECKS = ("nonfinite", "small_batch", "collapse", "drift")
+ACTIONS = ("warn", "raise", "ignore")
+
+
+class BatchNormHealthError(RuntimeError):
+    """Raised by :class:`RunningStatDrift` for a failed health check whose action is ``"raise"``."""
+
+
+def gaussian_kl(mean0: Tensor, var0: Tensor, mean1: Tensor, var1: Tensor) -> Tensor:
+    """Elementwise ``KL( N(mean0, var0) || N(mean1, var1) )`` in nats.
+
+    Example::
+
+        >>> float(gaussian_kl(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1.0)))
+        0.0
+        >>> round(float(gaussian_kl(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1.0))), 3)
+        0.5
+    """
+    return 0.5 * (torch.log(var1 / var0) + (var0 + (mean0 - mean1) ** 2) / var1 - 1)
+
+
+class RunningStatDrift(BatchNormCallbackBase):
+    """Measure the drift between batch and running statistics per BN layer, and check BN health.
+
+    Every ``log_every_n_steps`` training batches, per BN layer ``<layer>`` with running statistics:
+
+    - ``bn/<layer>/drift_kl``: mean over channels of ``KL( N(mu_B, var_B + eps) || N(mu_R, var_R + eps) )``, batch
+      statistics ``B`` of this step against the running statistics ``R`` as they were BEFORE this batch updated them
+      (what eval would have used); ``drift_kl_max``: its maximum over channels;
+    - ``rm_velocity``, ``rv_velocity``: relative change ``||R_now - R_prev|| / ||R_prev||`` of running_mean and
+      running_var since the previous record;
+    - ``batch_size``: the smallest per-device batch (input dim 0) across ranks;
+    - ``collapsed_frac``: fraction of channels with batch variance <= ``collapse_var``;
+    - ``nonfinite_running``: number of NaN/inf entries in the running statistics;
+    - under DDP: ``rank_disagreement``: max over channels and ranks of ``|R_rank - mean_ranks(R)| / std``, with
+      ``std = sqrt(mean_ranks(running_var) + eps)``: without SyncBatchNorm each rank ends with its own running
+      statistics, the silent cause of rank-dependent evaluation.
+
+    Health checks (:data:`CHECKS`) with actionable messages naming the layer and step: ``nonfinite`` (non-finite
+    running statistics), ``small_batch`` (per-device batch below ``min_batch_size``), ``collapse`` (more than
+    ``max_collapsed_frac`` of the channels collapsed), ``drift`` (``drift_kl`` above ``max_drift_kl``). Each check's
+    action is ``"warn"`` (default; once per layer and check), ``"raise"`` (:class:`BatchNormHealthError` on every rank
+    alike, since the values are reduced first) or ``"ignore"``. Alert counts are kept in checkpoints.
+
+    Args:
+        log_every_n_steps: record every this many training batches; ``None``: the Trainer's ``log_every_n_steps``.
+        include: ``fnmatch`` patterns of BN layer names to watch.
+        exclude: patterns of BN layer names to skip.
+        actions: check name -> ``"warn"`` | ``"raise"`` | ``"ignore"``; unnamed checks warn.
+        min_batch_size: per-device batches smaller than this fail ``small_batch``.
+        max_drift_kl: ``drift_kl`` above this (nats) fails ``drift``.
+        collapse_var: a channel whose batch variance is at most this counts as collapsed.
+        max_collapsed_frac: more collapsed channels than this fraction fail ``collapse``.
+        drift_warmup_steps: the ``drift`` check starts after this many training batches (running statistics start
+            at 0 and 1 and need about ``3 / momentum`` batches to catch up; ``drift_kl`` is logged from the start).
+        prefix: metric key prefix.
+
+    Example::
+
+        >>> from bn_lightning.callbacks import RunningStatDrift
+        >>> cb = RunningStatDrift(actions={"nonfinite": "raise"}, min_batch_size=4)
+        >>> cb.actions["nonfinite"], cb.actions["drift"]
+        ('raise', 'warn')
+    """
+
+    STATS = {
+        "drift_kl": "mean",
+        "drift_kl_max": "max",
+        "rm_velocity": "mean",
+        "rv_velocity": "mean",
+        "batch_size": "min",
+        "collapsed_frac": "mean",
+        "nonfinite_running": "max",
+    }
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        actions: Mapping[str, str] | None = None,
+        min_batch_size: int = 8,
+        max_drift_kl: float = 0.5,
+        collapse_var: float = 1e-6,
+        max_collapsed_frac: float = 0.5,
+        drift_warmup_steps: int = 100,
+        prefix: str = "bn",
+    ) -> None:
+        super().__init__(log_every_n_steps, include, exclude, prefix)
+        self.actions = {check: "warn" for check in CHECKS}
+        for check, action in dict(actions or {}).items():
+            if check not in CHECKS:
+                raise ValueError(f"Unknown health check {check!r} in actions; expected one of {list(CHECKS)}")
+            if action not in ACTIONS:
+                raise ValueError(f"actions[{check!r}] must be one of {list(ACTIONS)}, got {action!r}")
+            self.actions[check] = action
+        if not isinstance(min_batch_size, int) or min_batch_size < 1:
+            raise ValueError(f"min_batch_size must be a positive int, got {min_batch_size!r}")
+        if not max_drift_kl > 0:
+            raise ValueError(f"max_drift_kl must be > 0, got {max_drift_kl!r}")
+        if not 0 <= max_collapsed_frac <= 1:
+            raise ValueError(f"max_collapsed_frac must be in [0, 1], got {max_collapsed_frac!r}")
+        if not isinstance(drift_warmup_steps, int) or drift_warmup_steps < 0:
+            raise ValueError(f"drift_warmup_steps must be a non-negative int, got {drift_warmup_steps!r}")
+        self.drift_warmup_steps = drift_warmup_steps
+        self.min_batch_size = min_batch_size
+        self.max_drift_kl = max_drift_kl
+        self.collapse_var = collapse_var
+        self.max_collapsed_frac = max_collapsed_frac
+        self._previous: dict[str, tuple[Tensor, Tensor]] = {}
+        self._max_channels = 0
+        self.alerts: dict[str, dict[str, int]] = {check: {} for check in CHECKS}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._max_channels = max((m.num_features for m in self._layers.values()), default=0)
+        device = pl_module.device
+        self._previous = {k: (rm.to(device), rv.to(device)) for k, (rm, rv) in self._previous.items()}
+
+    def _needs_snapshot(self, layer: _BatchNorm) -> bool:
+        return layer.track_running_stats and layer.running_mean is not None
+
+    def _extra_width(self) -> int:
+        # every rank's running_mean and running_var (padded to the widest layer) ride in the same all-gather
+        return 2 * self._max_channels
+
+    def _layer_values(self, name: str, layer: _BatchNorm, x: Tensor, y: Tensor) -> Tensor:
+        nan = torch.full((), float("nan"), device=x.device)
+        pad = torch.full((2 * self._max_channels,), float("nan"), device=x.device)
+        before = self._snapshots.get(name)
+        if before is None or layer.running_mean is None:  # no running statistics: nothing drifts
+            return torch.cat([nan.repeat(len(self.STATS)), pad])
+        stats = layer_batch_stats(layer, x, before)
+        mean, var = stats.mean.float(), stats.var.float()
+        rm0, rv0, _ = before
+        kl = gaussian_kl(mean, var + layer.eps, rm0, rv0 + layer.eps)
+        rm, rv = layer.running_mean.detach().float(), layer.running_var.detach().float()
+        prev = self._previous.get(name)
+        if prev is None:
+            velocity = [nan, nan]
+        else:
+            velocity = [
+                (rm - prev[0]).norm() / prev[0].norm().clamp(min=1e-12),
+                (rv - prev[1]).norm() / prev[1].norm().clamp(min=1e-12),
+            ]
+        self._previous[name] = (rm.clone(), rv.clone())
+        values = [
+            kl.mean(),
+            kl.max(),
+            *velocity,
+            torch.tensor(float(x.shape[0]), device=x.device),
+            (var <= self.collapse_var).float().mean(),
+            (~torch.isfinite(rm)).float().sum() + (~torch.isfinite(rv)).float().sum(),
+        ]
+        pad[: rm.numel()] = rm
+        pad[self._max_channels : self._max_channels + rv.numel()] = rv
+        return torch.cat([torch.stack([v.reshape(()) for v in values]), pad])
+
+    DERIVED = ("rank_disagreement",)
+
+    def _derive(self, per_rank: Tensor) -> Tensor:
+        k, width = len(self.STATS), self._max_channels
+        rm = per_rank[:, :, k : k + width]  # (world, layers, channels), NaN-padded
+        rv = per_rank[:, :, k + width : k + 2 * width]
+        eps = torch.tensor([m.eps for m in self._layers.values()], device=rm.device).view(1, -1, 1)
+        std = (rv.mean(0, keepdim=True) + eps).sqrt()
+        spread = ((rm - rm.mean(0, keepdim=True)).abs() / std).nan_to_num(nan=-1.0).amax(dim=(0, 2))
+        return torch.where(spread >= 0, spread, float("nan")).unsqueeze(1)
+
+    def _on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
+        for layer, stats in values.items():
+            self._check(layer, step, stats)
+
+    def _check(self, layer: str, step: int, stats: dict[str, float]) -> None:
+        if "drift_kl" not in stats:  # layer without running statistics
+            return
+        failures = []
+        if stats.get("nonfinite_running", 0) > 0:
+            failures.append(
+                (
+                    "nonfinite",
+                    f"running statistics hold {int(stats['nonfinite_running'])} non-finite values; the "
+                    "activations overflowed (learning rate too high? float16 without loss scaling?)",
+                )
+            )
+        if stats["batch_size"] < self.min_batch_size:
+            failures.append(
+                (
+                    "small_batch",
+                    f"per-device batch of {int(stats['batch_size'])} is below {self.min_batch_size}: its "
+                    "statistics are noisy; synchronise them (bn_lightning.SyncBatchNorm / `bn=sync`), or use "
+                    "GhostBatchNorm or GroupNorm",
+                )
+            )
+        if stats["collapsed_frac"] > self.max_collapsed_frac:
+            failures.append(
+                (
+                    "collapse",
+                    f"{stats['collapsed_frac']:.0%} of the channels have batch variance <= "
+                    f"{self.collapse_var:g} (dead units feeding this layer)",
+                )
+            )
+        if stats["drift_kl"] > self.max_drift_kl and self.batches_seen > self.drift_warmup_steps:
+            failures.append(
+                (
+                    "drift",
+                    f"running statistics drift from the batch statistics by KL {stats['drift_kl']:.3g} nats "
+                    f"(threshold {self.max_drift_kl:g}): eval-mode outputs will differ from training; lower the "
+                    "momentum, or recalibrate with PreciseBN",
+                )
+            )
+        for check, why in failures:
+            count = self.alerts[check].get(layer, 0) + 1
+            self.alerts[check][layer] = count
+            action = self.actions[check]
+            message = f"BatchNorm health check '{check}' failed for layer '{layer}' at step {step}: {why}."
+            if action == "raise":
+                raise BatchNormHealthError(message)
+            if action == "warn" and count == 1:
+                rank_zero_warn(message + " (further alerts of this kind for this layer are counted, not printed)")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["previous"] = {k: (rm.cpu(), rv.cpu()) for k, (rm, rv) in self._previous.items()}
+        state["alerts"] = {check: dict(counts) for check, counts in self.alerts.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._previous = dict(state_dict.get("previous", {}))
+        alerts = state_dict.get("alerts", {})
+        self.alerts = {check: dict(alerts.get(check, {})) for check in CHECKS}
