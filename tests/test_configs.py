@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
 from bn_lightning.layers import ScratchBatchNormMixin
 from bn_lightning.module import ClassificationModule
 from bn_lightning.train import instantiate_callbacks, instantiate_loggers
@@ -124,13 +125,15 @@ def test_callbacks_instantiate(tmp_path: Path, callbacks: str) -> None:
         assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
         assert ckpt.monitor == "val/acc" and ckpt.mode == "max" and ckpt.save_last
         assert any(isinstance(cb, LearningRateMonitor) for cb in objs)
+        assert any(isinstance(cb, BatchNormMonitor) for cb in objs)  # the training script watches BN by default
+        assert any(isinstance(cb, RunningStatDrift) for cb in objs)
     if callbacks == "none":
         assert objs == []
 
 
 def test_callback_can_be_dropped(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, ("callbacks.lr_monitor=null",))
-    assert [type(cb) for cb in instantiate_callbacks(cfg.callbacks)] == [ModelCheckpoint]
+    cfg = compose_config(tmp_path, ("callbacks.lr_monitor=null", "callbacks.bn_drift=null"))
+    assert [type(cb) for cb in instantiate_callbacks(cfg.callbacks)] == [ModelCheckpoint, BatchNormMonitor]
 
 
 LOGGER_TYPES = {
