@@ -4,8 +4,21 @@ Flat re-exports of the public API; see the README for a tour.
 """
 
 from bn_lightning import functional
-from bn_lightning.convert import convert_sync_batchnorm, revert_sync_batchnorm
-from bn_lightning.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, get_batchnorm_class
+from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
+from bn_lightning.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    SyncBatchNorm,
+    get_batchnorm_class,
+)
 
 __version__ = "0.1.0"
 
@@ -13,8 +26,17 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
     "SyncBatchNorm",
     "__version__",
+    "bn_param_groups",
+    "convert_batchnorm",
     "convert_sync_batchnorm",
     "functional",
     "get_batchnorm_class",

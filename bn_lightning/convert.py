@@ -1,28 +1,38 @@
-"""Convert BN layers between implementations, exactly and reversibly.
+"""Convert BN layers between implementations, exactly and reversibly; BN-aware parameter groups.
 
-Provides :func:`convert_sync_batchnorm` (every BN layer -> :class:`bn_lightning.SyncBatchNorm`) and
-:func:`revert_sync_batchnorm` (back to the EXACT original classes; torch has no revert, and Lightning's leaves a
-``_BatchNormXd``). Both are plain recursive functions in timm's style: they reuse the very same ``Parameter`` and
-buffer objects (so optimizers, ``requires_grad``, device and dtype are untouched), keep the training flag, and
-rebuild the tree with ``add_module``.
+Provides :func:`convert_batchnorm` (every BN layer -> torch, scratch, sync, frozen, ghost or renorm),
+:func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm` (torch has no revert, and Lightning's leaves a
+``_BatchNormXd``), :func:`swap_batchnorm` (one layer) and :func:`bn_param_groups`. Converters are plain recursive
+functions in timm's style: they reuse the very same ``Parameter`` and buffer objects (so optimizers, ``requires_grad``,
+device and dtype are untouched), keep the training flag, rebuild the tree with ``add_module``, and remember each
+layer's original class, constructor options and tensors so that converting back gives exactly what was there.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.layers.batchnorm import BatchNormXd
+from bn_lightning.layers.factory import get_batchnorm_class, resolve_impl
 from bn_lightning.layers.sync import NORM_HAS_BIAS_FLAG, SyncBatchNorm
 
-__all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm", "swap_batchnorm"]
+__all__ = [
+    "bn_param_groups",
+    "convert_batchnorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "swap_batchnorm",
+]
 
-_ORIGINAL = "_bn_lightning_original_class"
+_ORIGINAL = "_bn_lightning_original"  # (class, constructor kwargs, {name: original tensor object})
 _KEEP_ATTRS = ("qconfig",)
+_CTOR_ATTRS = ("process_group", "virtual_batch_size", "r_max", "d_max", "warmup_steps", "sync")
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
@@ -31,17 +41,28 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
+def _assign(new: nn.Module, name: str, value: Tensor | None) -> None:
+    """Put ``value`` into ``new`` as whatever ``name`` is there: a Parameter (trainable layers) or a buffer (frozen)."""
+    if name in new._parameters:
+        if value is not None and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=True)
+        setattr(new, name, value)
+    elif name in new._buffers:
+        setattr(new, name, value.detach() if isinstance(value, nn.Parameter) else value)
+
+
 def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> _BatchNorm:
     """Build a ``cls`` layer that shares ``module``'s parameters and buffers and copies its flags.
 
     Args:
         module: the BN layer to replace.
-        cls: the new class; constructed as ``cls(num_features, eps, momentum, affine, track_running_stats,
+        cls: the new class; constructed as ``cls(num_features, eps=, momentum=, affine=, track_running_stats=,
             **kwargs)``.
-        **kwargs: extra constructor arguments (e.g. ``process_group``).
+        **kwargs: extra constructor arguments (e.g. ``process_group``, ``virtual_batch_size``).
 
     Returns:
-        The new layer; its ``weight``/``bias`` ARE ``module``'s Parameter objects, its buffers the same tensors.
+        The new layer; its ``weight``/``bias`` ARE ``module``'s Parameter objects (or share their storage as buffers,
+        for frozen layers), its running statistics the same tensors.
 
     Example::
 
@@ -54,17 +75,147 @@ def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> 
     """
     if NORM_HAS_BIAS_FLAG and module.affine:
         kwargs.setdefault("bias", module.bias is not None)
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kwargs)
-    if module.affine:
-        new.weight = module.weight
-        new.bias = module.bias
-    for buf in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, buf, getattr(module, buf))
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        **kwargs,
+    )
+    for name in ("weight", "bias"):
+        _assign(new, name, getattr(module, name, None))
+    for name in ("running_mean", "running_var"):
+        setattr(new, name, getattr(module, name))
+    counter = getattr(module, "num_batches_tracked", None)
+    if counter is not None and new._buffers.get("num_batches_tracked") is not None:
+        new.num_batches_tracked = counter
     new.train(module.training)
     for attr in _KEEP_ATTRS:
         if hasattr(module, attr):
             setattr(new, attr, getattr(module, attr))
     return new
+
+
+def _layer_dim(layer: _BatchNorm) -> int | None:
+    """1, 2 or 3 for a BN layer of known dimensionality; ``None`` for dimension-agnostic ones (SyncBatchNorm)."""
+    for dim, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if isinstance(layer, cls):
+            return dim
+    dims = getattr(layer, "_input_dims", None)
+    return {(2, 3): 1, (4,): 2, (5,): 3}.get(tuple(dims)) if dims else None
+
+
+def _remember(layer: _BatchNorm) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    """What converting back needs: the class, its constructor options, and the original tensor objects."""
+    kwargs = {a: getattr(layer, a) for a in _CTOR_ATTRS if a in _ctor_params(type(layer)) and hasattr(layer, a)}
+    tensors = {n: getattr(layer, n, None) for n in ("weight", "bias", "num_batches_tracked")}
+    return type(layer), kwargs, tensors
+
+
+def _ctor_params(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def _restore(layer: _BatchNorm) -> _BatchNorm:
+    cls, kwargs, tensors = getattr(layer, _ORIGINAL)
+    new = swap_batchnorm(layer, cls, **kwargs)
+    for name, value in tensors.items():  # the very same Parameter objects (and counter) come back
+        if value is not None and (name in new._parameters or new._buffers.get(name) is not None):
+            setattr(new, name, value)
+    return new
+
+
+def convert_batchnorm(
+    module: nn.Module,
+    to: str = "scratch",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Convert every BN layer of ``module`` to another implementation, keeping state and flags.
+
+    Args:
+        module: a model, or a single BN layer (then the converted layer is returned).
+        to: ``"torch"``, ``"scratch"``, ``"sync"``, ``"frozen"``, ``"ghost"`` or ``"renorm"`` (normalised, with
+            aliases such as ``"sync_batchnorm"``, ``"syncbn"``, ``"FrozenBN"``; see
+            :func:`bn_lightning.layers.factory.resolve_impl`). ``"torch"`` restores each converted layer's ORIGINAL
+            class (torch's or ours) with its original Parameter objects; layers never converted become torch's.
+        include: ``fnmatch`` patterns on qualified module names; only matching BN layers are converted.
+        exclude: patterns of BN layers to leave alone.
+        **options: constructor options of the target, e.g. ``virtual_batch_size=16`` (ghost),
+            ``r_max=3, d_max=5, warmup_steps=5000`` (renorm), ``process_group=...`` (sync).
+
+    Returns:
+        The converted module (the same object unless ``module`` itself was a BN layer).
+
+    Raises:
+        ValueError: unknown ``to``; a layer whose dimensionality the target lacks (e.g. ghost 3d), naming it.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> w = net[1].weight
+        >>> net = convert_batchnorm(net, "ghost", virtual_batch_size=8)
+        >>> type(net[1]).__name__, net[1].weight is w
+        ('GhostBatchNorm2d', True)
+        >>> net = convert_batchnorm(net, "torch")
+        >>> type(net[1]) is torch.nn.BatchNorm2d, net[1].weight is w
+        (True, True)
+    """
+    impl = resolve_impl(to)
+    return _convert_tree(module, "", impl, options, include, exclude)
+
+
+def _convert_tree(module: nn.Module, name: str, impl: str, options: dict, include: Any, exclude: Any) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and _selected(name, include, exclude):
+        out = _convert_one(module, name, impl, options)
+    for child_name, child in module.named_children():
+        path = f"{name}.{child_name}" if name else child_name
+        out.add_module(child_name, _convert_tree(child, path, impl, options, include, exclude))
+    return out
+
+
+def _convert_one(layer: _BatchNorm, name: str, impl: str, options: dict) -> _BatchNorm:
+    original = getattr(layer, _ORIGINAL, None)
+    if impl == "torch" and original is not None:
+        return _restore(layer)
+    if impl == "sync":
+        if isinstance(layer, SyncBatchNorm):
+            if "process_group" in options:
+                layer.process_group = options["process_group"]
+            return layer
+        if getattr(layer, "_bn_lightning_no_sync", False):
+            return layer  # frozen / ghost / renorm keep their own semantics
+        cls: type[_BatchNorm] = SyncBatchNorm
+    else:
+        dim = _layer_dim(layer)
+        if dim is None and original is not None:
+            dim = _layer_dim_of_class(original[0])
+        if dim is None:
+            raise ValueError(
+                f"Cannot convert BN layer '{name or type(layer).__name__}' to {impl!r}: its class "
+                f"{type(layer).__name__} does not say whether it is 1d, 2d or 3d"
+            )
+        try:
+            cls = get_batchnorm_class(impl, dim)  # type: ignore[assignment]
+        except ValueError as err:
+            raise ValueError(f"Cannot convert BN layer '{name or type(layer).__name__}': {err}") from None
+    if type(layer) is cls and not options:
+        return layer
+    new = swap_batchnorm(layer, cls, **{k: v for k, v in options.items() if k in _ctor_params(cls)})
+    setattr(new, _ORIGINAL, original or _remember(layer))
+    return new
+
+
+def _layer_dim_of_class(cls: type) -> int | None:
+    for dim, base in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if issubclass(cls, base):
+            return dim
+    dims = getattr(cls, "_input_dims", None)
+    return {(2, 3): 1, (4,): 2, (5,): 3}.get(tuple(dims)) if dims else None
 
 
 def convert_sync_batchnorm(
@@ -76,10 +227,10 @@ def convert_sync_batchnorm(
     """Replace every BN layer in ``module`` with :class:`bn_lightning.SyncBatchNorm`.
 
     Converts torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, ours, and any other ``_BatchNorm`` subclass
-    (Lightning's ``_BatchNormXd``); layers whose statistics must not be synchronised (frozen BN) opt out with a
-    class attribute ``_bn_lightning_no_sync = True``. Remembers each layer's original class
-    so :func:`revert_sync_batchnorm` restores it exactly. Layers that are already ours are re-pointed at
-    ``process_group``.
+    (Lightning's ``_BatchNormXd``); layers whose statistics must not be synchronised (frozen, ghost; renorm syncs
+    through its own ``sync`` flag) opt out with a class attribute ``_bn_lightning_no_sync = True``. Remembers each
+    layer's original class so :func:`revert_sync_batchnorm` restores it exactly. Layers that are already ours are
+    re-pointed at ``process_group``.
 
     Args:
         module: a model, or a single BN layer (then the converted layer is returned).
@@ -99,30 +250,15 @@ def convert_sync_batchnorm(
         >>> type(net[1]).__name__, type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
         ('SyncBatchNorm', True)
     """
-    return _convert(module, "", process_group, include, exclude)
-
-
-def _convert(module: nn.Module, name: str, group: Any, include: Any, exclude: Any) -> nn.Module:
-    out = module
-    if isinstance(module, _BatchNorm) and _selected(name, include, exclude):
-        if isinstance(module, SyncBatchNorm):
-            module.process_group = group
-        elif not getattr(module, "_bn_lightning_no_sync", False):
-            out = swap_batchnorm(module, SyncBatchNorm, process_group=group)
-            setattr(out, _ORIGINAL, (type(module), getattr(module, "process_group", None)))
-    for child_name, child in module.named_children():
-        out.add_module(
-            child_name, _convert(child, f"{name}.{child_name}" if name else child_name, group, include, exclude)
-        )
-    return out
+    return _convert_tree(module, "", "sync", {"process_group": process_group}, include, exclude)
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every :class:`bn_lightning.SyncBatchNorm` made by :func:`convert_sync_batchnorm` back into its original.
+    """Turn every :class:`bn_lightning.SyncBatchNorm` back into the layer it was converted from.
 
     The original class (torch's or ours, 1d/2d/3d, or ``torch.nn.SyncBatchNorm`` with its process group) comes back
-    sharing the same parameters and buffers. A ``SyncBatchNorm`` that was constructed directly (no original to
-    return to) becomes a local :class:`bn_lightning.layers.BatchNormXd`, which accepts any ``(N, C, *)`` input.
+    with the same parameters and buffers. A ``SyncBatchNorm`` that was constructed directly (no original to return
+    to) becomes a local :class:`bn_lightning.layers.BatchNormXd`, which accepts any ``(N, C, *)`` input.
 
     Args:
         module: a model or a single layer.
@@ -132,9 +268,53 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """
     out = module
     if isinstance(module, SyncBatchNorm):
-        cls, group = getattr(module, _ORIGINAL, (BatchNormXd, None))
-        kwargs = {"process_group": group} if issubclass(cls, nn.SyncBatchNorm) else {}
-        out = swap_batchnorm(module, cls, **kwargs)
+        if getattr(module, _ORIGINAL, None) is not None:
+            out = _restore(module)
+        else:
+            out = swap_batchnorm(module, BatchNormXd)
     for child_name, child in module.named_children():
         out.add_module(child_name, revert_sync_batchnorm(child))
     return out
+
+
+def bn_param_groups(
+    model: nn.Module, weight_decay: float, no_decay_bias: bool = False, no_decay_bn: bool = True
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with BN weights and biases (and optionally all biases) excluded from weight decay.
+
+    Decaying gamma and beta fights the normalisation (it shrinks the layer's output scale for no benefit); common
+    recipes exempt them. Parameters that do not require grad are left out. Each parameter appears exactly once.
+
+    Args:
+        model: the model.
+        weight_decay: decay of the first group.
+        no_decay_bias: also exempt every other parameter named ``*bias``.
+        no_decay_bn: exempt BN affine parameters (the point of this function; ``False`` gives one group).
+
+    Returns:
+        ``[{"params": [...], "weight_decay": weight_decay}, {"params": [...], "weight_decay": 0.0}]``.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        >>> [len(g["params"]) for g in bn_param_groups(net, 1e-4)]
+        [2, 2]
+        >>> opt = torch.optim.SGD(bn_param_groups(net, 1e-4), lr=0.1)
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    exempt: set[int] = set()
+    for module in model.modules():
+        if no_decay_bn and isinstance(module, _BatchNorm):
+            exempt.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in exempt or (no_decay_bias and name.endswith("bias")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

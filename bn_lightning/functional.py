@@ -54,6 +54,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BatchStats",
+    "Renorm",
     "StatsReducer",
     "batch_norm",
     "batch_norm_with_stats",
@@ -83,6 +84,26 @@ class BatchStats(NamedTuple):
     mean: Tensor
     var: Tensor
     count: Count
+
+
+class Renorm(NamedTuple):
+    """Batch Renormalization's correction (Ioffe, 2017), applied inside :func:`batch_norm_with_stats`.
+
+    With ``sigma = sqrt(var + eps)``: ``r = clip(sigma_B / sigma_R, 1 / r_max, r_max)`` and
+    ``d = clip((mu_B - mu_R) / sigma_R, -d_max, d_max)``, both treated as constants in backward, and
+    ``y = (x_hat * r + d) * gamma + beta``. With ``r_max = 1, d_max = 0`` this is plain BN.
+
+    Attributes:
+        running_mean: ``mu_R``, the running mean BEFORE this batch's update.
+        running_var: ``var_R``, likewise.
+        r_max: clip bound of ``r`` (>= 1).
+        d_max: clip bound of ``d`` (>= 0).
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    r_max: float
+    d_max: float
 
 
 class StatsReducer(Protocol):
@@ -366,7 +387,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
     """Batch-statistics BN with a hand-written backward; optional reducer for synchronised statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, reducer):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, reducer, renorm):  # type: ignore[override]
         center, offset, var, count, centered, scratch = _centered_stats(x)
         if reducer is None:
             mean = center + offset
@@ -376,9 +397,19 @@ class _BatchNormTrainFn(torch.autograd.Function):
             offset = (mean64 - center.double()).to(center.dtype)
             mean = mean64.to(center.dtype)
         invstd = torch.rsqrt(var + eps)
-        scale, shift = _scale_shift(invstd, weight, bias, offset)
+        r = d = None
+        weight_eff, bias_eff = weight, bias
+        if renorm is not None:
+            # Batch Renorm is BN with affine (gamma * r, beta + gamma * d), r and d constants
+            sigma_r = torch.sqrt(renorm.running_var.to(var.dtype) + eps)
+            r = (invstd.reciprocal() / sigma_r).clamp(1 / renorm.r_max, renorm.r_max)
+            d = ((mean - renorm.running_mean.to(mean.dtype)) / sigma_r).clamp(-renorm.d_max, renorm.d_max)
+            gamma = torch.ones_like(r) if weight is None else weight.to(r.dtype)
+            weight_eff = gamma * r
+            bias_eff = gamma * d if bias is None else bias.to(r.dtype) + gamma * d
+        scale, shift = _scale_shift(invstd, weight_eff, bias_eff, offset)
         y = _affine(centered, scale, shift, x.dtype, out=scratch)
-        ctx.save_for_backward(centered, invstd, weight, offset)
+        ctx.save_for_backward(centered, invstd, weight, weight_eff, offset, r, d)
         ctx.count = count
         ctx.reducer = reducer
         ctx.in_dtype = x.dtype
@@ -388,11 +419,13 @@ class _BatchNormTrainFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
-        centered, invstd, weight, offset = ctx.saved_tensors
+        centered, invstd, weight, weight_eff, offset, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
         # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
-        grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
+        grad_w = None
+        if need_w and weight is not None:
+            grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
         grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
         grad_x = None
         if ctx.reducer is not None:
@@ -400,9 +433,9 @@ class _BatchNormTrainFn(torch.autograd.Function):
             sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
         if need_x:
             grad_x = grad_input(
-                grad_out, centered, invstd, weight, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch
+                grad_out, centered, invstd, weight_eff, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch
             )
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _BatchNormEvalFn(torch.autograd.Function):
@@ -500,6 +533,7 @@ def batch_norm_with_stats(
     eps: float = 1e-5,
     num_batches_tracked: Tensor | None = None,
     reducer: StatsReducer | None = None,
+    renorm: Renorm | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """The forward of a BN layer; returns the output and the batch statistics it normalised with.
 
@@ -518,6 +552,7 @@ def batch_norm_with_stats(
         eps: added to the variance.
         num_batches_tracked: counter buffer, incremented when the running statistics are updated.
         reducer: a :class:`StatsReducer` to synchronise statistics across processes (SyncBatchNorm).
+        renorm: a :class:`Renorm` correction (Batch Renormalization) for training mode; composes with ``reducer``.
 
     Returns:
         ``(y, stats)``: ``stats`` is the detached :class:`BatchStats` used (merged over the reducer's group), or
@@ -530,7 +565,7 @@ def batch_norm_with_stats(
         return normalize(x, running_mean, running_var, weight, bias, eps), None
     if reducer is None and x.dim() >= 2 and x.numel() == x.shape[1] and x.shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    y, mean, var, count = _BatchNormTrainFn.apply(x, weight, bias, eps, reducer)
+    y, mean, var, count = _BatchNormTrainFn.apply(x, weight, bias, eps, reducer, renorm)
     stats = BatchStats(mean, var, count)
     if training and (running_mean is not None or running_var is not None):
         update_running_stats(running_mean, running_var, stats, momentum, num_batches_tracked)
@@ -548,6 +583,7 @@ def batch_norm(
     eps: float = 1e-5,
     num_batches_tracked: Tensor | None = None,
     reducer: StatsReducer | None = None,
+    renorm: Renorm | None = None,
 ) -> Tensor:
     """Batch normalisation, a replacement for ``torch.nn.functional.batch_norm`` built on this module's core.
 
@@ -561,5 +597,5 @@ def batch_norm(
         True
     """
     return batch_norm_with_stats(
-        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, reducer
+        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, reducer, renorm
     )[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.functional import BatchStats, StatsReducer, batch_norm_with_stats
+from bn_lightning.functional import BatchStats, Renorm, StatsReducer, batch_norm_with_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd", "ScratchBatchNormMixin"]
 
@@ -52,6 +52,10 @@ class ScratchBatchNormMixin:
         """The reducer that synchronises statistics; ``None`` means local BN. SyncBatchNorm overrides this."""
         return None
 
+    def _renorm(self) -> Renorm | None:
+        """A Batch Renormalization correction for this training step; ``None`` for plain BN. BatchRenorm overrides."""
+        return None
+
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` with batch statistics (training) or running statistics (eval)."""
         self._check_input_dim(input)
@@ -75,6 +79,7 @@ class ScratchBatchNormMixin:
             self.eps,
             self.num_batches_tracked if track else None,  # type: ignore[attr-defined]
             reducer,
+            self._renorm() if bn_training and self.training else None,
         )
         self.last_batch_stats = stats
         return y
