@@ -62,9 +62,11 @@ def layer_batch_stats(layer: _BatchNorm, x: Tensor, before: tuple[Tensor, Tensor
     """The per-channel batch statistics ``layer`` just normalised ``x`` with, as cheaply as possible.
 
     - bn_lightning layers keep them (:attr:`~bn_lightning.layers.ScratchBatchNormMixin.last_batch_stats`): free;
-    - torch layers that updated their running statistics: recovered from the update in O(channels), inverting
-      ``running = (1 - f) * before + f * batch`` (``before`` = the buffers snapshotted by the pre-forward hook);
-    - otherwise (no tracking, momentum 0, eval-mode layer): computed from ``x``, one pass over the activation.
+    - torch layers that updated their running statistics with a factor ``f >= 0.01``: recovered from the update in
+      O(channels), inverting ``running = (1 - f) * before + f * batch`` (``before`` = the buffers snapshotted by the
+      pre-forward hook; relative error ~1e-7 / f);
+    - otherwise (no tracking, tiny or zero momentum, ``momentum=None`` after 100 batches, eval-mode layer): computed
+      from ``x``, one pass over the activation (on recording steps only).
     """
     if isinstance(layer, ScratchBatchNormMixin) and layer.last_batch_stats is not None:
         return layer.last_batch_stats
@@ -75,7 +77,9 @@ def layer_batch_stats(layer: _BatchNorm, x: Tensor, before: tuple[Tensor, Tensor
             factor = 1.0 / float(nbt0 + 1) if nbt0 is not None else 0.0
         else:
             factor = float(layer.momentum)
-        if factor > 0:
+        # inverting the update divides float32 rounding by the factor: below 1e-2 (momentum=None after 100 batches)
+        # it would cost more than 1e-5 relative error, so compute from the input instead
+        if factor >= 1e-2:
             mean = (layer.running_mean.float() - (1 - factor) * rm0) / factor
             unbiased = (layer.running_var.float() - (1 - factor) * rv0) / factor
             return BatchStats(mean, (unbiased * ((count - 1) / count)).clamp_(min=0), count)
@@ -105,7 +109,9 @@ class BatchNormCallbackBase(Callback):
         exclude: Sequence[str] | None = None,
         prefix: str = "bn",
     ) -> None:
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
             raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}")
         for arg, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
@@ -208,6 +214,12 @@ class BatchNormCallbackBase(Callback):
         self._remove()
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call teardown after an exception: without this the hooks stay on the model (armed, if
+        # the exception came mid-step)
+        self._remove()
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self._armed = bool(self._layers) and self.batches_seen % self._every(trainer) == 0
         self._values = {}
@@ -235,7 +247,7 @@ class BatchNormCallbackBase(Callback):
         values: dict[str, dict[str, float]] = {}
         extras: dict[str, list[float]] = {}
         for name, row in zip(self._layers, host.tolist(), strict=True):
-            if row and row[0] != row[0]:  # NaN: no rank ran this layer in this step
+            if all(v != v for v in row[: len(names)]):  # all NaN: no rank ran this layer in this step
                 continue
             values[name] = {k: v for k, v in zip(names, row[: len(names)], strict=True) if v == v}
             extras[name] = row[len(names) :]
@@ -270,6 +282,8 @@ class BatchNormCallbackBase(Callback):
         if not trainer.is_global_zero or not trainer.loggers:
             return
         metrics = {f"{self.prefix}/{layer}/{stat}": v for layer, stats in values.items() for stat, v in stats.items()}
+        if not metrics:
+            return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

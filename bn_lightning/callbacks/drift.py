@@ -116,8 +116,10 @@ class RunningStatDrift(BatchNormCallbackBase):
             if action not in ACTIONS:
                 raise ValueError(f"actions[{check!r}] must be one of {list(ACTIONS)}, got {action!r}")
             self.actions[check] = action
-        if not isinstance(min_batch_size, int) or min_batch_size < 1:
+        if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
             raise ValueError(f"min_batch_size must be a positive int, got {min_batch_size!r}")
+        if not collapse_var > 0:
+            raise ValueError(f"collapse_var must be > 0, got {collapse_var!r}")
         if not max_drift_kl > 0:
             raise ValueError(f"max_drift_kl must be > 0, got {max_drift_kl!r}")
         if not 0 <= max_collapsed_frac <= 1:
@@ -195,7 +197,7 @@ class RunningStatDrift(BatchNormCallbackBase):
             self._check(layer, step, stats)
 
     def _check(self, layer: str, step: int, stats: dict[str, float]) -> None:
-        if "drift_kl" not in stats:  # layer without running statistics
+        if "batch_size" not in stats:  # layer without running statistics
             return
         failures = []
         if stats.get("nonfinite_running", 0) > 0:
@@ -223,7 +225,8 @@ class RunningStatDrift(BatchNormCallbackBase):
                     f"{self.collapse_var:g} (dead units feeding this layer)",
                 )
             )
-        if stats["drift_kl"] > self.max_drift_kl and self.batches_seen > self.drift_warmup_steps:
+        # drift_kl is absent (NaN) when the statistics are non-finite
+        if stats.get("drift_kl", 0.0) > self.max_drift_kl and self.batches_seen > self.drift_warmup_steps:
             failures.append(
                 (
                     "drift",

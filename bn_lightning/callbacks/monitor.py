@@ -128,9 +128,13 @@ class BatchNormMonitor(BatchNormCallbackBase):
     ) -> None:
         super().__init__(log_every_n_steps, include, exclude, prefix)
         for arg, value in (("bins", bins), ("sample_size", sample_size)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        for arg, value in (("hist_range", hist_range), ("collapse_var", collapse_var)):
+        for arg, value in (
+            ("hist_range", hist_range),
+            ("collapse_var", collapse_var),
+            ("near_zero_gamma", near_zero_gamma),
+        ):
             if not value > 0:
                 raise ValueError(f"{arg} must be > 0, got {value!r}")
         self.histogram = histogram
