@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.layers.batchnorm import BatchNormXd
 from bn_lightning.layers.factory import get_batchnorm_class, resolve_impl
+from bn_lightning.layers.frozen import FrozenBatchNormMixin
 from bn_lightning.layers.sync import NORM_HAS_BIAS_FLAG, SyncBatchNorm
 
 __all__ = [
@@ -58,7 +59,8 @@ def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> 
         module: the BN layer to replace.
         cls: the new class; constructed as ``cls(num_features, eps=, momentum=, affine=, track_running_stats=,
             **kwargs)``.
-        **kwargs: extra constructor arguments (e.g. ``process_group``, ``virtual_batch_size``).
+        **kwargs: extra constructor arguments (e.g. ``process_group``, ``virtual_batch_size``); a ``momentum`` here
+            replaces ``module``'s.
 
     Returns:
         The new layer; its ``weight``/``bias`` ARE ``module``'s Parameter objects (or share their storage as buffers,
@@ -77,8 +79,8 @@ def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> 
         kwargs.setdefault("bias", module.bias is not None)
     new = cls(
         module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
+        eps=kwargs.pop("eps", module.eps),
+        momentum=kwargs.pop("momentum", module.momentum),
         affine=module.affine,
         track_running_stats=module.track_running_stats,
         **kwargs,
@@ -109,6 +111,7 @@ def _layer_dim(layer: _BatchNorm) -> int | None:
 def _remember(layer: _BatchNorm) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """What converting back needs: the class, its constructor options, and the original tensor objects."""
     kwargs = {a: getattr(layer, a) for a in _CTOR_ATTRS if a in _ctor_params(type(layer)) and hasattr(layer, a)}
+    kwargs["momentum"] = layer.momentum  # a frozen layer's momentum (0) is a placeholder: converting away restores it
     tensors = {n: getattr(layer, n, None) for n in ("weight", "bias", "num_batches_tracked")}
     return type(layer), kwargs, tensors
 
@@ -122,6 +125,12 @@ def _restore(layer: _BatchNorm) -> _BatchNorm:
     new = swap_batchnorm(layer, cls, **kwargs)
     for name, value in tensors.items():  # the very same Parameter objects (and counter) come back
         if value is not None and (name in new._parameters or new._buffers.get(name) is not None):
+            # ... holding the layer's current data, which `.to()`/`.double()` may have replaced since
+            current = getattr(layer, name, None)
+            if current is None:  # a frozen layer keeps no counter: follow the running statistics' device
+                current = value.to(new.running_mean.device) if new.running_mean is not None else value
+            if current is not value:
+                value.data = current.detach()
             setattr(new, name, value)
     return new
 
@@ -205,7 +214,20 @@ def _convert_one(layer: _BatchNorm, name: str, impl: str, options: dict) -> _Bat
             raise ValueError(f"Cannot convert BN layer '{name or type(layer).__name__}': {err}") from None
     if type(layer) is cls and not options:
         return layer
-    new = swap_batchnorm(layer, cls, **{k: v for k, v in options.items() if k in _ctor_params(cls)})
+    if impl in ("frozen", "renorm") and layer.running_mean is None:
+        raise ValueError(
+            f"Cannot convert BN layer '{name or type(layer).__name__}' to {impl!r}: it has no running statistics "
+            "(track_running_stats=False), and this variant is defined by them"
+        )
+    # momentum and eps are applied by swap_batchnorm for every target, whatever its constructor spells out
+    kwargs = {k: v for k, v in options.items() if k in _ctor_params(cls) | {"momentum", "eps"}}
+    from_frozen = original is not None and isinstance(layer, FrozenBatchNormMixin)
+    if from_frozen:  # a frozen layer's momentum (0) and missing counter are placeholders: the original's come back
+        kwargs.setdefault("momentum", original[1].get("momentum", layer.momentum))
+    new = swap_batchnorm(layer, cls, **kwargs)
+    counter = original[2].get("num_batches_tracked") if from_frozen else None
+    if counter is not None and new._buffers.get("num_batches_tracked") is not None:
+        new.num_batches_tracked = counter
     setattr(new, _ORIGINAL, original or _remember(layer))
     return new
 

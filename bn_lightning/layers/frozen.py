@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from bn_lightning.functional import normalize
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
@@ -48,7 +48,8 @@ class FrozenBatchNormMixin(ScratchBatchNormMixin):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         state_dict.pop(prefix + "num_batches_tracked", None)  # a torch BN state_dict loads as is
-        super()._load_from_state_dict(  # type: ignore[misc]
+        # skip _NormBase's hook: for a state_dict without version metadata it puts num_batches_tracked back
+        super(_NormBase, self)._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.functional import merge_stats
+from bn_lightning.functional import BatchStats, merge_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNormMixin"]
@@ -44,8 +44,8 @@ class GhostBatchNormMixin(ScratchBatchNormMixin):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise each virtual batch with its own statistics (training) or with running statistics (eval)."""
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
-        if not bn_training or input.dim() < 2 or input.shape[0] <= self.virtual_batch_size:
+        # virtual batches are a training-time regulariser: eval (even without running statistics) sees the whole batch
+        if not self.training or input.dim() < 2 or input.shape[0] <= self.virtual_batch_size:
             return super().forward(input)
         chunks = list(torch.split(input, self.virtual_batch_size))
         if chunks[-1].numel() == chunks[-1].shape[1] and len(chunks) > 1:  # a single value per channel: merge it
@@ -54,11 +54,13 @@ class GhostBatchNormMixin(ScratchBatchNormMixin):
         for chunk in chunks:
             outputs.append(super().forward(chunk))
             stats.append(self.last_batch_stats)
-        self.last_batch_stats = merge_stats(
+        counts = [s.count for s in stats]  # type: ignore[union-attr]
+        merged = merge_stats(
             torch.stack([s.mean for s in stats]),  # type: ignore[union-attr]
             torch.stack([s.var for s in stats]),  # type: ignore[union-attr]
-            torch.tensor([s.count for s in stats], device=input.device),  # type: ignore[union-attr]
+            torch.tensor(counts, device=input.device),
         )
+        self.last_batch_stats = BatchStats(merged.mean, merged.var, sum(counts))  # a Python int, as for one chunk
         return torch.cat(outputs)
 
 
