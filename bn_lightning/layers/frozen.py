@@ -26,7 +26,17 @@ class FrozenBatchNormMixin(ScratchBatchNormMixin):
 
     _bn_lightning_no_sync = True  # fixed statistics: nothing to synchronise
 
-    def _init_frozen(self, num_features: int, affine: bool, device: Any, dtype: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # momentum and tracking do not apply; converters pass them, so they are accepted and ignored
+        _BatchNorm.__init__(self, num_features, eps, 0.0, False, True, device=device, dtype=dtype)  # type: ignore[arg-type]
         kw = {"device": device, "dtype": dtype}
         for name, fill in (("weight", 1.0), ("bias", 0.0)):
             self._parameters.pop(name, None)  # registered as None by _NormBase(affine=False)
@@ -60,11 +70,6 @@ class FrozenBatchNormMixin(ScratchBatchNormMixin):
         return normalize(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)  # type: ignore[attr-defined]
 
 
-def _frozen_init(self: Any, num_features: int, eps: float, affine: bool, device: Any, dtype: Any) -> None:
-    _BatchNorm.__init__(self, num_features, eps, 0.0, False, True, device=device, dtype=dtype)
-    self._init_frozen(num_features, affine, device, dtype)
-
-
 class FrozenBatchNorm1d(FrozenBatchNormMixin, _BatchNorm):
     """Frozen BN over ``(N, C)`` or ``(N, C, L)`` inputs.
 
@@ -92,17 +97,6 @@ class FrozenBatchNorm1d(FrozenBatchNormMixin, _BatchNorm):
     _input_dims = (2, 3)
     _shape_hint = "(N, C) or (N, C, L)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        _frozen_init(self, num_features, eps, affine, device, dtype)
-
 
 class FrozenBatchNorm2d(FrozenBatchNormMixin, _BatchNorm):
     """Frozen BN over ``(N, C, H, W)`` inputs; see :class:`FrozenBatchNorm1d`.
@@ -117,17 +111,6 @@ class FrozenBatchNorm2d(FrozenBatchNormMixin, _BatchNorm):
     _input_dims = (4,)
     _shape_hint = "(N, C, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        _frozen_init(self, num_features, eps, affine, device, dtype)
-
 
 class FrozenBatchNorm3d(FrozenBatchNormMixin, _BatchNorm):
     """Frozen BN over ``(N, C, D, H, W)`` inputs; see :class:`FrozenBatchNorm1d`.
@@ -141,14 +124,3 @@ class FrozenBatchNorm3d(FrozenBatchNormMixin, _BatchNorm):
 
     _input_dims = (5,)
     _shape_hint = "(N, C, D, H, W)"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        _frozen_init(self, num_features, eps, affine, device, dtype)

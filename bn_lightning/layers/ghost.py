@@ -33,7 +33,8 @@ class GhostBatchNormMixin(ScratchBatchNormMixin):
     _bn_lightning_no_sync = True
     virtual_batch_size: int
 
-    def _init_ghost(self, virtual_batch_size: int) -> None:
+    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, **kwargs)  # type: ignore[call-arg]
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
@@ -91,10 +92,6 @@ class GhostBatchNorm1d(GhostBatchNormMixin, _BatchNorm):
     _input_dims = (2, 3)
     _shape_hint = "(N, C) or (N, C, L)"
 
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, **kwargs: Any) -> None:
-        super().__init__(num_features, eps, **kwargs)
-        self._init_ghost(virtual_batch_size)
-
 
 class GhostBatchNorm2d(GhostBatchNormMixin, _BatchNorm):
     r"""Ghost BN over ``(N, C, H, W)`` inputs; see :class:`GhostBatchNorm1d`.
@@ -109,7 +106,3 @@ class GhostBatchNorm2d(GhostBatchNormMixin, _BatchNorm):
 
     _input_dims = (4,)
     _shape_hint = "(N, C, H, W)"
-
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, **kwargs: Any) -> None:
-        super().__init__(num_features, eps, **kwargs)
-        self._init_ghost(virtual_batch_size)

@@ -45,7 +45,18 @@ class BatchRenormMixin(ScratchBatchNormMixin):
     sync: bool
     process_group: Any
 
-    def _init_renorm(self, r_max: float, d_max: float, warmup_steps: int, sync: bool, process_group: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 0,
+        eps: float = 1e-5,
+        sync: bool = False,
+        process_group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, eps, **kwargs)  # type: ignore[call-arg]
         if not r_max >= 1:
             raise ValueError(f"r_max must be >= 1, got {r_max!r}")
         if not d_max >= 0:
@@ -104,20 +115,6 @@ class BatchRenorm1d(BatchRenormMixin, _BatchNorm):
     _input_dims = (2, 3)
     _shape_hint = "(N, C) or (N, C, L)"
 
-    def __init__(
-        self,
-        num_features: int,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 0,
-        eps: float = 1e-5,
-        sync: bool = False,
-        process_group: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_features, eps, **kwargs)
-        self._init_renorm(r_max, d_max, warmup_steps, sync, process_group)
-
 
 class BatchRenorm2d(BatchRenormMixin, _BatchNorm):
     r"""Batch Renormalization over ``(N, C, H, W)`` inputs; see :class:`BatchRenorm1d`.
@@ -131,17 +128,3 @@ class BatchRenorm2d(BatchRenormMixin, _BatchNorm):
 
     _input_dims = (4,)
     _shape_hint = "(N, C, H, W)"
-
-    def __init__(
-        self,
-        num_features: int,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 0,
-        eps: float = 1e-5,
-        sync: bool = False,
-        process_group: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_features, eps, **kwargs)
-        self._init_renorm(r_max, d_max, warmup_steps, sync, process_group)
