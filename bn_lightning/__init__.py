@@ -4,6 +4,7 @@ Flat re-exports of the public API; see the README for a tour.
 """
 
 from bn_lightning import functional
+from bn_lightning.callbacks.precise_bn import recalibrate_bn
 from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bn_lightning.layers import (
     BatchNorm1d,
@@ -40,5 +41,6 @@ __all__ = [
     "convert_sync_batchnorm",
     "functional",
     "get_batchnorm_class",
+    "recalibrate_bn",
     "revert_sync_batchnorm",
 ]
