@@ -2,8 +2,10 @@
 
 Provides :func:`train` (``cfg -> (metrics, objects)``, what tests call), :func:`train_and_report` (``train`` plus a
 printed summary; what ``scripts/train.py`` calls) and the helpers :func:`instantiate_callbacks` and
-:func:`instantiate_loggers`. The config layout is the one under ``conf/``: ``data``, ``model`` (the network), ``module``
-(the LightningModule around it), ``callbacks``, ``logger`` and ``trainer``.
+:func:`instantiate_loggers`. The config layout is the one under ``conf/``: ``data``, ``model`` (the network), ``bn``
+(the BatchNorm policy, :class:`bn_lightning.config.BatchNormPolicy`), ``module`` (the LightningModule around the
+network, which applies the policy), ``callbacks``, ``logger`` and ``trainer``. Importing this module registers the
+policy's schema in Hydra's ConfigStore (``bn/base_policy``), which the ``conf/bn`` files start from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from bn_lightning.config import BatchNormPolicy  # also registers the `bn/base_policy` schema
 
 __all__ = ["instantiate_callbacks", "instantiate_loggers", "train", "train_and_report"]
 
@@ -119,9 +123,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate everything ``cfg`` describes and fit; the whole training run, without the command line.
 
     Steps: seed (if ``cfg.seed`` is set), then instantiate ``cfg.data`` (the datamodule), ``cfg.model`` (the network),
-    ``cfg.module`` (the LightningModule, given the network as ``net``), ``cfg.callbacks`` and ``cfg.logger`` (mappings
-    of name -> config; ``None`` entries are skipped) and ``cfg.trainer``; log the resolved config to the loggers and
-    call ``trainer.fit``, resuming from ``cfg.ckpt_path`` if it is set.
+    ``cfg.module`` (the LightningModule, given the network as ``net`` and ``cfg.bn`` as ``bn_policy``: it converts
+    the BN layers and adds the policy's callbacks), ``cfg.callbacks`` and ``cfg.logger`` (mappings of name -> config;
+    ``None`` entries are skipped) and ``cfg.trainer``; log the resolved config to the loggers and call
+    ``trainer.fit``, resuming from ``cfg.ckpt_path`` if it is set.
 
     Args:
         cfg: a config composed from ``conf/`` (``scripts/train.py`` or ``hydra.compose``).
@@ -129,8 +134,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     Returns:
         ``(metrics, objects)``: ``metrics`` maps each of ``trainer.callback_metrics`` (``val/acc``, ``val/loss``,
         ``train/loss``, ...) to a float, from the last epoch; ``objects`` holds ``cfg``, ``datamodule``, ``model`` (the
-        network), ``module``, ``callbacks``, ``loggers`` and ``trainer``.
+        network, its BN layers converted by the module), ``bn_policy``, ``module``, ``callbacks`` (the config's; the
+        policy's own are in ``trainer.callbacks``), ``loggers`` and ``trainer``.
     """
+    # the module validates the policy again; checking it first makes a bad `bn` fail before anything is built
+    bn_policy = BatchNormPolicy.from_config(cfg.get("bn"))
+
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
@@ -140,8 +149,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model = hydra.utils.instantiate(cfg.model)
 
-    log.info(f"Instantiating module <{cfg.module._target_}>")
-    module: pl.LightningModule = hydra.utils.instantiate(cfg.module, net=model)
+    log.info(f"Instantiating module <{cfg.module._target_}> with BN policy {bn_policy}")
+    module: pl.LightningModule = hydra.utils.instantiate(cfg.module, net=model, bn_policy=cfg.get("bn"))
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -154,6 +163,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "cfg": cfg,
         "datamodule": datamodule,
         "model": model,
+        "bn_policy": bn_policy,
         "module": module,
         "callbacks": callbacks,
         "loggers": loggers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import hydra
@@ -9,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -16,8 +18,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
-from bn_lightning.layers import ScratchBatchNormMixin
-from bn_lightning.module import ClassificationModule
+from bn_lightning.config import BatchNormPolicy
+from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
+from bn_lightning.module import BatchNormModule
 from bn_lightning.train import instantiate_callbacks, instantiate_loggers
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -43,7 +46,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
 def test_groups_have_the_expected_options() -> None:
     assert {"digits", "synthetic"} <= set(options("data"))
     assert {"cnn", "mlp", "resnet20"} <= set(options("model"))
-    assert set(options("bn")) == {"scratch", "sync", "torch"}
+    assert set(options("bn")) == {"frozen", "ghost", "renorm", "scratch", "sync", "torch"}
     assert {"default", "none"} <= set(options("callbacks"))
     assert {"default", "ddp"} <= set(options("trainer"))
     assert {"csv", "many", "tensorboard", "wandb"} <= set(options("logger"))
@@ -54,7 +57,8 @@ def test_groups_have_the_expected_options() -> None:
 def test_default_config(cfg: DictConfig) -> None:
     assert cfg.data._target_ == "bn_lightning.data.DigitsDataModule"
     assert cfg.model._target_ == "bn_lightning.models.SmallCNN"
-    assert cfg.model.norm == cfg.bn.impl == "torch"
+    assert cfg.model.norm == "torch"  # models are built with torch BN; the module converts them to bn.impl
+    assert cfg.bn.impl == "torch" and cfg.module._target_ == "bn_lightning.module.BatchNormModule"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.task_name == "train"
     assert cfg.module.scheduler.T_max == cfg.trainer.max_epochs
@@ -82,6 +86,10 @@ def test_data_instantiates(tmp_path: Path, data: str) -> None:
     assert cfg.data_info.in_features == torch.Size(dm.input_shape).numel()
 
 
+def expected_bn_class(impl: str, layer: nn.Module) -> type[nn.Module]:
+    return SyncBatchNorm if impl == "sync" else get_batchnorm_class(impl, 1 if isinstance(layer, nn.BatchNorm1d) else 2)
+
+
 @pytest.mark.parametrize("bn", options("bn"))
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", options("data"))
@@ -89,29 +97,71 @@ def test_model_instantiates_for_every_data(tmp_path: Path, data: str, model: str
     cfg = compose_config(tmp_path, (f"data={data}", f"model={model}", f"bn={bn}"))
     net = hydra.utils.instantiate(cfg.model)
     assert isinstance(net, nn.Module)
-    bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
-    assert bns, f"{model} has no BatchNorm layer"
-    assert all(isinstance(m, ScratchBatchNormMixin) == (bn in ("scratch", "sync")) for m in bns)
+    built = {name: m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
+    assert built, f"{model} has no BatchNorm layer"
+    assert all(type(m).__module__.startswith("torch.nn") for m in built.values())  # one path: torch BN, then convert
+    module = hydra.utils.instantiate(cfg.module, net=net, bn_policy=cfg.bn)
+    for name, layer in built.items():
+        assert type(net.get_submodule(name)) is expected_bn_class(cfg.bn.impl, layer), name
     x = torch.randn(4, *cfg.data_info.input_shape)
-    assert net(x).shape == (4, cfg.data_info.num_classes)
+    assert module(x).shape == (4, cfg.data_info.num_classes)
+
+
+@pytest.mark.parametrize("bn", options("bn"))
+def test_bn_option_is_a_valid_policy(tmp_path: Path, bn: str) -> None:
+    cfg = compose_config(tmp_path, (f"bn={bn}",))
+    assert OmegaConf.get_type(cfg.bn) is BatchNormPolicy  # typed by the `bn/base_policy` schema
+    policy = BatchNormPolicy.from_config(cfg.bn)
+    if bn == "frozen":  # fine-tuning style: torch BN, frozen half way through the default 10 epochs
+        assert policy.impl == "torch" and policy.freeze is not None and policy.freeze.at_epoch == 5
+    else:
+        assert policy.impl == cfg.bn.impl == bn
+    # every key has a comment; block headers (a key with nothing after the colon) may go without
+    for line in (CONF_DIR / "bn" / f"{bn}.yaml").read_text().splitlines():
+        if re.match(r"^\s*(- )?\w+:\s*\S", line) and "defaults" not in line:
+            assert "#" in line, f"bn/{bn}.yaml: no comment on {line.strip()!r}"
+
+
+def test_bn_policy_overrides(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ("bn=ghost", "bn.options.virtual_batch_size=8", "bn.momentum=0.01"))
+    assert BatchNormPolicy.from_config(cfg.bn) == BatchNormPolicy(
+        impl="ghost", options={"virtual_batch_size": 8}, momentum=0.01
+    )
+    # a null nested policy is set through its parent (OmegaConf cannot merge into a typed null)
+    cfg = compose_config(tmp_path, ("bn={precise_bn:{num_batches:5},freeze:{at_step:3}}",))
+    policy = BatchNormPolicy.from_config(cfg.bn)
+    assert policy.precise_bn.num_batches == 5 and policy.precise_bn.when == "before_validation"
+    assert policy.freeze.at_step == 3
+    # the schema catches typos and wrong types when composing
+    for override in ("bn.momentun=0.1", "bn.momentum=fast", "bn={freeze:{at_epok:1}}"):
+        with pytest.raises(ConfigCompositionException):
+            compose_config(tmp_path, (override,))
+    # values the schema cannot judge fail when the policy is built (train() does that first), naming the allowed ones
+    cfg = compose_config(tmp_path, ("bn.impl=layernorm",))
+    allowed = r"expected one of \['frozen', 'ghost', 'renorm', 'scratch', 'sync', 'torch'\]"
+    with pytest.raises(ValueError, match=allowed):
+        BatchNormPolicy.from_config(cfg.bn)
 
 
 def test_module_instantiates(cfg: DictConfig) -> None:
     net = hydra.utils.instantiate(cfg.model)
-    module = hydra.utils.instantiate(cfg.module, net=net)
-    assert isinstance(module, ClassificationModule) and module.net is net
+    module = hydra.utils.instantiate(cfg.module, net=net, bn_policy=cfg.bn)
+    assert isinstance(module, BatchNormModule) and module.net is net
+    assert module.hparams.bn_policy == BatchNormPolicy.from_config(cfg.bn).to_dict()
+    assert isinstance(module.criterion, nn.CrossEntropyLoss)
     opt_cfg = module.configure_optimizers()
     optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["lr"] == cfg.module.optimizer.lr
-    assert optimizer.defaults["weight_decay"] == cfg.module.optimizer.weight_decay
+    # bn.no_weight_decay: BN gamma/beta in a group of their own, without weight decay
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.module.optimizer.weight_decay, 0.0]
     assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
     assert scheduler.T_max == cfg.trainer.max_epochs
 
 
 def test_module_without_scheduler(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ("module.scheduler=null",))
-    module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
+    module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model), bn_policy=cfg.bn)
     assert isinstance(module.configure_optimizers(), torch.optim.SGD)
 
 
@@ -180,6 +230,6 @@ def test_bn_sync_adds_the_plugin_to_the_trainer(tmp_path: Path) -> None:
     from bn_lightning.plugins import SyncBatchNormPlugin
 
     cfg = compose_config(tmp_path, ("bn=sync", "trainer=ddp"))
-    assert cfg.bn.impl == "scratch"
+    assert cfg.bn.impl == "sync"  # the module converts; the plugin points the layers at its process group under DDP
     plugin = hydra.utils.instantiate(cfg.trainer.plugins[0])
     assert isinstance(plugin, SyncBatchNormPlugin) and plugin.group_size is None

@@ -14,10 +14,12 @@ import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.layers import ScratchBatchNormMixin
-from bn_lightning.module import ClassificationModule
+from bn_lightning.config import BatchNormPolicy
+from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
+from bn_lightning.module import BatchNormModule
 from bn_lightning.train import train, train_and_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +48,26 @@ def read_metrics(log_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def assert_bn_policy_applied(objects: dict, impl: str) -> None:
+    """The network's BN layers are of ``impl``'s classes and the module's hparams hold the config's policy."""
+    bns = [m for m in objects["model"].modules() if isinstance(m, _BatchNorm)]
+    assert bns
+    for layer in bns:
+        dim = 1 if isinstance(layer, nn.BatchNorm1d) or "1d" in type(layer).__name__ else 2
+        assert type(layer) is (SyncBatchNorm if impl == "sync" else get_batchnorm_class(impl, dim))
+    policy = BatchNormPolicy.from_config(objects["cfg"].bn)
+    assert objects["bn_policy"] == policy and objects["module"].hparams.bn_policy == policy.to_dict()
+
+
 @pytest.mark.parametrize("bn", ["torch", "scratch"])
 @pytest.mark.parametrize("model", ["cnn", "mlp", "resnet20"])
 def test_train_fast(tmp_path: Path, model: str, bn: str) -> None:
     cfg = shrunk_config(tmp_path, f"model={model}", f"bn={bn}")
     metrics, objects = train(cfg)
 
-    assert {"cfg", "datamodule", "model", "module", "callbacks", "loggers", "trainer"} <= set(objects)
+    assert {"cfg", "datamodule", "model", "bn_policy", "module", "callbacks", "loggers", "trainer"} <= set(objects)
     assert objects["module"].net is objects["model"]
-    bns = [m for m in objects["model"].modules() if isinstance(m, _BatchNorm)]
-    assert bns and all(isinstance(m, ScratchBatchNormMixin) == (bn == "scratch") for m in bns)
+    assert_bn_policy_applied(objects, bn)
 
     assert objects["trainer"].global_step == 2
     assert 0.0 <= metrics["val/acc"] <= 1.0
@@ -63,6 +75,28 @@ def test_train_fast(tmp_path: Path, model: str, bn: str) -> None:
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(objects["trainer"].log_dir)
     assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
+
+
+@pytest.mark.parametrize("bn", ["sync", "ghost", "renorm", "frozen"])
+def test_train_fast_bn_policies(tmp_path: Path, bn: str) -> None:
+    # frozen.yaml freezes at epoch 5; freeze at the start here, so the one short epoch runs frozen
+    extra = ("bn.freeze.at_epoch=0",) if bn == "frozen" else ()
+    metrics, objects = train(shrunk_config(tmp_path, f"bn={bn}", *extra))
+    assert_bn_policy_applied(objects, "torch" if bn == "frozen" else bn)
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and math.isfinite(metrics["val/loss"])
+    hparams = (Path(objects["trainer"].log_dir) / "hparams.yaml").read_text()
+    assert "bn_policy:" in hparams and f"impl: {objects['bn_policy'].impl}" in hparams
+    if bn == "frozen":  # the policy's BatchNormFreeze joined the Trainer's callbacks and froze every layer
+        from bn_lightning.callbacks.freeze import BatchNormFreeze
+
+        freeze = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, BatchNormFreeze))
+        assert freeze.frozen and freeze.frozen_epoch == 0 and len(freeze.layer_names) == 2
+
+
+def test_train_refuses_a_bad_policy_before_building_anything(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'ghost'.*allowed: \['virtual_batch_size'\]"):
+        train(shrunk_config(tmp_path, "bn=ghost", "+bn.options.virtual_batchsize=8"))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_train_logs_config_and_seed(tmp_path: Path) -> None:
@@ -86,8 +120,8 @@ def test_resume_from_last_ckpt(tmp_path: Path) -> None:
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file()
     # plain data only in the checkpoint: it loads with torch.load(weights_only=True), torch's default
-    module = ClassificationModule.load_from_checkpoint(last, net=hydra.utils.instantiate(first["cfg"].model))
-    assert module.hparams.num_classes == 10
+    module = BatchNormModule.load_from_checkpoint(last, net=hydra.utils.instantiate(first["cfg"].model))
+    assert module.hparams.num_classes == 10 and module.hparams.bn_policy == first["bn_policy"].to_dict()
 
     # resume in the same run directory, as `scripts/train.py hydra.run.dir=<run> ckpt_path=<run>/checkpoints/last.ckpt`
     _, objects = train(shrunk_config(tmp_path, "trainer.max_epochs=2", f"ckpt_path={last}"))
@@ -160,6 +194,7 @@ def test_cli_ddp_two_cpu_processes(tmp_path: Path, bn: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     if bn == "sync":  # synchronisation itself is checked in tests/test_plugins.py
         assert "SyncBatchNormPlugin" in (tmp_path / ".hydra" / "config.yaml").read_text()
+        assert "impl: sync" in (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert proc.stdout.count("Final val/acc:") == 1  # printed by rank 0 only
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

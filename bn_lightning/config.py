@@ -1,0 +1,341 @@
+"""Structured configs (dataclasses) for the BatchNorm policy, registered in Hydra's ConfigStore.
+
+Provides :class:`BatchNormPolicy` (which BN implementation, its options, momentum, eps, weight decay, and the
+optional :class:`FreezePolicy` and :class:`PreciseBNPolicy`), :func:`register_configs` and the ConfigStore entry
+``bn/base_policy``, the schema every file of the ``conf/bn`` group starts from (a misspelt key or a wrong type fails
+when the config is composed, not when training starts)::
+
+    defaults:
+      - base_policy
+      - _self_
+    impl: ghost
+    options:
+      virtual_batch_size: 16
+
+The dataclasses are plain data: :class:`bn_lightning.module.BatchNormModule` applies a policy to the network and
+builds the callbacks it asks for. Every policy is validated on construction (``ValueError``/``TypeError`` naming the
+field and the allowed values), and :meth:`BatchNormPolicy.from_config` accepts a policy, a ``dict``, an OmegaConf
+``DictConfig`` (Hydra's ``cfg.bn``) or ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from bn_lightning.layers.factory import BATCHNORM_IMPLS, resolve_impl
+
+__all__ = [
+    "PRECISE_BN_WHEN",
+    "BatchNormPolicy",
+    "FreezePolicy",
+    "PreciseBNPolicy",
+    "impl_options",
+    "register_configs",
+]
+
+#: When PreciseBN may recalibrate (the values :class:`bn_lightning.callbacks.precise_bn.PreciseBN` accepts).
+PRECISE_BN_WHEN = ("before_validation", "epoch_end", "fit_end")
+
+# constructor arguments every BN class has: the policy sets them through its own fields, not `options`
+_COMMON_ARGS = {"self", "num_features", "eps", "momentum", "affine", "bias", "track_running_stats", "device", "dtype"}
+# objects, not data: they cannot live in a config (SyncBatchNormPlugin's `group_size` picks the group instead)
+_OBJECT_ARGS = {"process_group"}
+
+
+def impl_options(impl: str) -> list[str]:
+    """The ``options`` an implementation accepts: its constructor arguments beyond the ones all BN layers share.
+
+    Args:
+        impl: an implementation name or alias (see :func:`bn_lightning.layers.factory.resolve_impl`).
+
+    Returns:
+        The sorted option names; empty for ``torch``, ``scratch``, ``sync`` and ``frozen``.
+
+    Example::
+
+        >>> impl_options("ghost"), impl_options("BatchRenorm"), impl_options("torch")
+        (['virtual_batch_size'], ['d_max', 'r_max', 'sync', 'warmup_steps'], [])
+    """
+    names: set[str] = set()
+    for cls in set(BATCHNORM_IMPLS[resolve_impl(impl)].values()):
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.add(param.name)
+    return sorted(names - _COMMON_ARGS - _OBJECT_ARGS)
+
+
+def _check_optional_int(owner: str, name: str, value: Any, minimum: int = 0) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{owner}.{name} must be None or an int >= {minimum}, got {value!r}")
+
+
+def _check_patterns(owner: str, name: str, value: Any) -> list[str] | None:
+    """``None`` or a list of ``fnmatch`` patterns; a bare string is refused (it would match character by character)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{owner}.{name} must be None or a list of name patterns (['net.features.*']), got {value!r}")
+    return list(value)
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}.{name} must be true or false, got {value!r}")
+
+
+def _from_mapping(cls: type, data: Any, owner: str) -> Any:
+    """Build dataclass ``cls`` from ``data`` (an instance, a mapping or a ``DictConfig``), refusing unknown keys."""
+    if isinstance(data, cls):
+        return data
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{owner} must be a {cls.__name__}, a mapping or None, got {type(data).__name__}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{owner} has unknown keys {unknown}; allowed keys are {allowed}")
+    return cls(**data)
+
+
+@dataclass
+class FreezePolicy:
+    """When and which BN layers :class:`~bn_lightning.callbacks.freeze.BatchNormFreeze` freezes during training.
+
+    A frozen layer is in eval mode: it normalises with its running statistics and keeps them unchanged.
+
+    Args:
+        at_epoch: freeze at the start of this epoch (0-based); with ``at_step`` also ``None``: from the start.
+        at_step: freeze when ``trainer.global_step`` reaches this value (instead of ``at_epoch``).
+        include: ``fnmatch`` patterns of BN layer names in the LightningModule (``"net.features.*"``); ``None``: all.
+        exclude: patterns of BN layers to leave alone.
+        freeze_affine: also stop training gamma and beta.
+        unfreeze_at_epoch: unfreeze at the start of this epoch (after the freeze epoch); ``None``: never.
+
+    Raises:
+        ValueError: a negative or non-int epoch or step, both ``at_epoch`` and ``at_step``, or an
+            ``unfreeze_at_epoch`` not after the freeze epoch.
+        TypeError: ``include``/``exclude`` not a list of strings, ``freeze_affine`` not a bool.
+
+    Example::
+
+        >>> policy = FreezePolicy(at_epoch=5, include=("net.features.*",))
+        >>> policy.at_epoch, policy.include, policy.freeze_affine
+        (5, ['net.features.*'], False)
+        >>> FreezePolicy(at_epoch=2, at_step=100)
+        Traceback (most recent call last):
+            ...
+        ValueError: FreezePolicy: give at most one of at_epoch (2) and at_step (100)
+    """
+
+    at_epoch: int | None = None
+    at_step: int | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    freeze_affine: bool = False
+    unfreeze_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("at_epoch", "at_step", "unfreeze_at_epoch"):
+            _check_optional_int("FreezePolicy", name, getattr(self, name))
+        if self.at_epoch is not None and self.at_step is not None:
+            raise ValueError(
+                f"FreezePolicy: give at most one of at_epoch ({self.at_epoch}) and at_step ({self.at_step})"
+            )
+        if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch <= (self.at_epoch or 0):
+            raise ValueError(
+                f"FreezePolicy.unfreeze_at_epoch must be greater than the freeze epoch ({self.at_epoch or 0}), "
+                f"got {self.unfreeze_at_epoch!r}"
+            )
+        self.include = _check_patterns("FreezePolicy", "include", self.include)
+        self.exclude = _check_patterns("FreezePolicy", "exclude", self.exclude)
+        _check_bool("FreezePolicy", "freeze_affine", self.freeze_affine)
+
+
+@dataclass
+class PreciseBNPolicy:
+    """How :class:`~bn_lightning.callbacks.precise_bn.PreciseBN` recomputes the BN population statistics.
+
+    Args:
+        num_batches: training batches per recalibration (200 in Wu & Johnson, 2021).
+        when: ``"before_validation"`` (every validation of ``fit`` sees precise statistics), ``"epoch_end"`` (after
+            every ``every_n_epochs``-th epoch) or ``"fit_end"`` (once, when training ends).
+        every_n_epochs: for ``when="epoch_end"``: recalibrate after every this many epochs.
+
+    Raises:
+        ValueError: ``num_batches`` or ``every_n_epochs`` not a positive int, or an unknown ``when``.
+
+    Example::
+
+        >>> PreciseBNPolicy(num_batches=50)
+        PreciseBNPolicy(num_batches=50, when='before_validation', every_n_epochs=1)
+        >>> PreciseBNPolicy(when="sometimes")
+        Traceback (most recent call last):
+            ...
+        ValueError: PreciseBNPolicy.when must be one of ('before_validation', 'epoch_end', 'fit_end'), got 'sometimes'
+    """
+
+    num_batches: int = 200
+    when: str = "before_validation"
+    every_n_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_batches", "every_n_epochs"):
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"PreciseBNPolicy.{name} must be a positive int, got None")
+            _check_optional_int("PreciseBNPolicy", name, value, minimum=1)
+        if self.when not in PRECISE_BN_WHEN:
+            raise ValueError(f"PreciseBNPolicy.when must be one of {PRECISE_BN_WHEN}, got {self.when!r}")
+
+
+@dataclass
+class BatchNormPolicy:
+    """What a training run does with BatchNorm: the implementation, its settings, weight decay, freezing, PreciseBN.
+
+    :class:`bn_lightning.module.BatchNormModule` applies it: it converts the selected BN layers of the network to
+    ``impl`` (with ``options``) and sets their ``momentum``/``eps`` when it is built, exempts BN parameters from weight
+    decay in ``configure_optimizers``, and returns the freeze and PreciseBN callbacks from ``configure_callbacks``.
+    A field left at ``None`` changes nothing: the default policy keeps the network's layers as they are and only
+    exempts gamma and beta from weight decay.
+
+    Args:
+        impl: ``"torch"``, ``"scratch"``, ``"sync"``, ``"ghost"``, ``"renorm"`` or ``"frozen"`` (aliases such as
+            ``"SyncBN"`` are accepted and stored under the canonical name); ``None``: keep each layer's class.
+        options: constructor options of ``impl``: ``virtual_batch_size`` (ghost); ``r_max``, ``d_max``,
+            ``warmup_steps``, ``sync`` (renorm). See :func:`impl_options`.
+        include: ``fnmatch`` patterns of BN layer names in the LightningModule (``"net.features.*"``) that the policy
+            converts and whose momentum/eps it sets; ``None``: all.
+        exclude: patterns of BN layers the policy leaves alone.
+        momentum: running-average factor set on every selected layer, in ``[0, 1]``; ``None``: keep each layer's.
+            (torch's ``momentum=None``, a cumulative average, is not reachable from here: ``None`` means "keep".)
+        eps: added to the variance, ``> 0``; ``None``: keep each layer's.
+        no_weight_decay: put BN weights and biases in a parameter group with ``weight_decay=0`` (decaying them only
+            shrinks the normalised output's scale); ``False``: one group, decayed like everything else.
+        freeze: freeze BN layers during training (:class:`FreezePolicy`); ``None``: never.
+        precise_bn: recompute the population statistics (:class:`PreciseBNPolicy`); ``None``: never.
+
+    Raises:
+        ValueError: an unknown ``impl`` or option (naming the allowed ones), a ``momentum`` outside ``[0, 1]``,
+            an ``eps <= 0``, or an invalid nested policy.
+        TypeError: a field of the wrong type (``include`` given as a string, ``options`` not a mapping, ...).
+
+    Example::
+
+        >>> policy = BatchNormPolicy(impl="GhostBN", options={"virtual_batch_size": 16}, freeze={"at_epoch": 5})
+        >>> policy.impl, policy.freeze.at_epoch
+        ('ghost', 5)
+        >>> policy.to_dict()["options"]
+        {'virtual_batch_size': 16}
+        >>> BatchNormPolicy(impl="layernorm")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: BatchNormPolicy.impl: Unknown BatchNorm implementation 'layernorm'; expected one of ['frozen', ...
+    """
+
+    impl: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    momentum: float | None = None
+    eps: float | None = None
+    no_weight_decay: bool = True
+    freeze: FreezePolicy | None = None
+    precise_bn: PreciseBNPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.impl is not None:
+            try:
+                self.impl = resolve_impl(self.impl)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"BatchNormPolicy.impl: {err}") from None
+        self._check_options()
+        self.include = _check_patterns("BatchNormPolicy", "include", self.include)
+        self.exclude = _check_patterns("BatchNormPolicy", "exclude", self.exclude)
+        if self.momentum is not None:
+            if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)):
+                raise TypeError(f"BatchNormPolicy.momentum must be None or a float, got {self.momentum!r}")
+            if not 0.0 <= self.momentum <= 1.0:
+                raise ValueError(f"BatchNormPolicy.momentum must be None or in [0, 1], got {self.momentum!r}")
+            self.momentum = float(self.momentum)
+        if self.eps is not None:
+            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
+                raise TypeError(f"BatchNormPolicy.eps must be None or a float, got {self.eps!r}")
+            if not self.eps > 0:
+                raise ValueError(f"BatchNormPolicy.eps must be None or > 0, got {self.eps!r}")
+            self.eps = float(self.eps)
+        _check_bool("BatchNormPolicy", "no_weight_decay", self.no_weight_decay)
+        if self.freeze is not None:
+            self.freeze = _from_mapping(FreezePolicy, self.freeze, "BatchNormPolicy.freeze")
+        if self.precise_bn is not None:
+            self.precise_bn = _from_mapping(PreciseBNPolicy, self.precise_bn, "BatchNormPolicy.precise_bn")
+
+    def _check_options(self) -> None:
+        if isinstance(self.options, DictConfig):
+            self.options = OmegaConf.to_container(self.options, resolve=True)  # type: ignore[assignment]
+        if self.options is None:
+            self.options = {}
+        if not isinstance(self.options, Mapping):
+            raise TypeError(f"BatchNormPolicy.options must be a mapping, got {type(self.options).__name__}")
+        self.options = dict(self.options)
+        if not self.options:
+            return
+        if self.impl is None:
+            raise ValueError(f"BatchNormPolicy.options {sorted(self.options)} need an impl; impl is None")
+        allowed = impl_options(self.impl)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"BatchNormPolicy.options {unknown} are not options of impl {self.impl!r}; allowed: {allowed or 'none'}"
+            )
+
+    @classmethod
+    def from_config(cls, config: BatchNormPolicy | Mapping[str, Any] | DictConfig | None) -> BatchNormPolicy:
+        """The policy ``config`` describes: a policy (returned as is), a mapping or ``DictConfig``, or ``None``.
+
+        Args:
+            config: e.g. Hydra's ``cfg.bn``, or ``{"impl": "ghost", "options": {"virtual_batch_size": 16}}``.
+
+        Returns:
+            The validated policy; ``None`` gives the default ``BatchNormPolicy()``.
+
+        Raises:
+            ValueError: unknown keys (naming the allowed ones) or invalid values.
+            TypeError: ``config`` is none of the above.
+
+        Example::
+
+            >>> from omegaconf import OmegaConf
+            >>> BatchNormPolicy.from_config(OmegaConf.create({"impl": "sync_batchnorm", "momentum": 0.01})).impl
+            'sync'
+            >>> BatchNormPolicy.from_config({"impl": "torch", "momentun": 0.1})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            ValueError: BatchNormPolicy has unknown keys ['momentun']; allowed keys are ['impl', 'options', ...
+        """
+        if config is None:
+            return cls()
+        return _from_mapping(cls, config, cls.__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain data (``dataclasses.asdict``): what the module stores in ``hparams["bn_policy"]``."""
+        return asdict(self)
+
+
+def register_configs() -> None:
+    """Store :class:`BatchNormPolicy` in Hydra's ConfigStore as ``bn/base_policy`` (idempotent).
+
+    Called when this module is imported, so importing ``bn_lightning.train`` (or ``bn_lightning.config``) before
+    composing ``conf/`` is enough.
+    """
+    ConfigStore.instance().store(group="bn", name="base_policy", node=BatchNormPolicy)
+
+
+register_configs()
