@@ -30,6 +30,9 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, a
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        # rank 0 hosts the TCPStore: tearing it down while a peer still talks to it (new_group, barrier) breaks that
+        # peer's pipe, so every rank finishes before anyone destroys the group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
