@@ -12,27 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.functional import Renorm, StatsReducer
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
-from bn_lightning.layers.sync import ProcessGroupReducer
+from bn_lightning.layers.sync import group_reducer
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenormMixin"]
-
-
-def group_reducer(layer: ScratchBatchNormMixin, process_group: Any) -> StatsReducer | None:
-    """The reducer that synchronises ``layer`` in training over ``process_group``; ``None`` when there is nobody.
-
-    TODO(move to layers/sync.py and share with SyncBatchNorm._stats_reducer once that file is free).
-    """
-    if not layer.training or not dist.is_available() or not dist.is_initialized():
-        return None
-    world_size = dist.get_world_size(process_group)
-    if world_size == 1:
-        return None
-    return ProcessGroupReducer(process_group, world_size, f"{layer._get_name()}({layer.num_features})")  # type: ignore[attr-defined]
 
 
 class BatchRenormMixin(ScratchBatchNormMixin):

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from bn_lightning.functional import BatchStats, StatsReducer, merge_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
 
-__all__ = ["ProcessGroupReducer", "SyncBatchNorm"]
+__all__ = ["ProcessGroupReducer", "SyncBatchNorm", "group_reducer"]
 
 # torch >= 2.13 renames all_gather_into_tensor (and deprecates the old name); torch 2.3 only has the old one
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -70,6 +70,19 @@ class ProcessGroupReducer:
         packed = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(packed, group=self.group)
         return packed[: sum_dy.numel()], packed[sum_dy.numel() :]
+
+
+def group_reducer(layer: ScratchBatchNormMixin, process_group: Any) -> StatsReducer | None:
+    """The reducer that synchronises ``layer``'s training statistics over ``process_group``, or ``None``.
+
+    ``None`` (local BN) in eval mode, without an initialised process group, and in a group of one.
+    """
+    if not layer.training or not dist.is_available() or not dist.is_initialized():
+        return None
+    world_size = dist.get_world_size(process_group)
+    if world_size == 1:
+        return None
+    return ProcessGroupReducer(process_group, world_size, f"{layer._get_name()}({layer.num_features})")  # type: ignore[attr-defined]
 
 
 class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
@@ -133,10 +146,4 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
         self.process_group = process_group
 
     def _stats_reducer(self) -> StatsReducer | None:
-        if not self.training or not dist.is_available() or not dist.is_initialized():
-            return None
-        group = self.process_group
-        world_size = dist.get_world_size(group)
-        if world_size == 1:
-            return None
-        return ProcessGroupReducer(group, world_size, f"{self._get_name()}({self.num_features})")
+        return group_reducer(self, self.process_group)
