@@ -23,7 +23,44 @@ def _check_int(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
-class DigitsDataModule(LightningDataModule):
+class _TensorDataModule(LightningDataModule):
+    """Shared loaders of the bundled datamodules: ``setup()`` fills ``train_set`` and ``val_set``."""
+
+    train_set: TensorDataset
+    val_set: TensorDataset
+    batch_size: int
+    seed: int
+    num_workers: int
+    drop_last: bool
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the order is fixed by ``seed``."""
+        self.setup()
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        self.setup()
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class DigitsDataModule(_TensorDataModule):
     """scikit-learn's handwritten digits (1,797 8x8 grey images, 10 classes), bundled with sklearn: no download.
 
     In :meth:`setup`, pixels are scaled to ``[0, 1]`` and then standardised with the mean and standard deviation (one
@@ -112,34 +149,8 @@ class DigitsDataModule(LightningDataModule):
         t = (torch.from_numpy(x) - self.mean) / self.std
         return t.reshape(-1, *self.input_shape).contiguous()
 
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is fixed by ``seed``."""
-        self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
-        )
 
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        self.setup()
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-
-class SyntheticImageDataModule(LightningDataModule):
+class SyntheticImageDataModule(_TensorDataModule):
     """Seeded random images whose label shifts each channel's mean: a learnable stand-in for CIFAR-sized data.
 
     Each class ``k`` gets a fixed random per-channel offset ``mu_k`` (drawn once from ``N(0, 1)``); a sample of class
@@ -229,29 +240,3 @@ class SyntheticImageDataModule(LightningDataModule):
 
         self.train_set = make(self.num_samples)
         self.val_set = make(self.val_samples)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is fixed by ``seed``."""
-        self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        self.setup()
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
