@@ -393,9 +393,10 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
             extra.append([key, calls, ms, 1e3 * ms / calls])
     extra.sort(key=lambda row: -row[2])
     total = sum(row[2] for row in extra)
+    calls = sum(row[1] for row in extra)
     print(
         f"\nprofile 2: torch.profiler, ops a callbacks@1 fit runs more often than a baseline fit ({steps} steps "
-        f"each), by the extra self CPU time: {total:.1f} ms per step in all; top {top}:"
+        f"each): {calls:.0f} extra op calls and {total:.1f} ms of extra self CPU time in ops per step; top {top}:"
     )
     headers = ["op", "extra calls per step", "extra self ms per step", "us per extra call"]
     print_table(headers, extra[:top], floatfmt=".2f")
@@ -488,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         headers = ["candidate", "step ms", "plain ms", "recording ms", "ratio", "[q1, q3]", "target", "verdict"]
         print_table(headers, rows, floatfmt=".1f")
+        records = ", ".join(f"{n} {sorted(c.records_per_round)[0]}" for n, c in candidates.items() if n != BASELINE)
+        print(f"records in every round (checked): {records}; wandb's are inferred from its log_freq")
         base_step = median(base.means)
         for name, cand in candidates.items():
             if name.endswith("@50") and cand.plain and cand.recording:

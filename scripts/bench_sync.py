@@ -225,6 +225,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     if rank == 0:
         del times["probe"]
         queue.put({"times": times, "lat": lat, "n_bn": n_bn, "parts": parts})
+        queue.close()
+        queue.join_thread()  # the results are in the pipe before any teardown
     dist.barrier()
     dist.destroy_process_group()
 
@@ -261,7 +263,11 @@ def _run(args: argparse.Namespace) -> tuple[dict, float]:
                         p.terminate()
                     raise SystemExit("a rank failed, see its traceback above") from None
         for p in procs:
-            p.join()
+            p.join(timeout=20)
+            if p.exitcode is None:  # seen with torch 2.13: a gloo worker thread needs the GIL that teardown holds
+                print(f"note: {p.name} hung in destroy_process_group after reporting; terminated", file=sys.stderr)
+                p.terminate()
+                p.join()
     after, wall1 = os.times(), time.perf_counter()
     # cpu_contention counts our own (joined) worker processes as "others": take their CPU time back out
     ours = (after.children_user - before.children_user) + (after.children_system - before.children_system)
