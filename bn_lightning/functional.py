@@ -170,24 +170,88 @@ def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return t.sum(reduce_dims(t), dtype=dtype)
 
 
-def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor]:
-    """Two-pass statistics: returns ``(center, offset, var, count, x - center, scratch)`` in the compute dtype.
+_MAX_ROW = 4096  # longest row a float32 vector_norm reduces alone: its error stays ~4e-7 relative
+_MIN_ROW = 64  # shorter rows: per-row overhead makes square + gemv the faster way
+_UNCENTERED_MAX_RATIO = 1.0  # mean^2 / var up to which E[x^2] - mean^2 is accurate enough (see _centered_stats)
+_OFFSET_SKIP_RATIO = 16.0  # mean^2 / var below this: the float32 centre is within ~5e-7 std of the mean
 
-    ``center`` is the float32 mean, ``offset = mean(x - center)`` the part of the true mean that float32 cannot hold
-    at ``|mean|`` (its spacing is ``|mean| * 6e-8``: 1e-3 at 1e4), so the mean is ``center + offset`` and the
-    normalisation uses ``x - center - offset``. The variance is computed from the centred tensor (never as
-    ``E[x^2] - E[x]^2``), which keeps float32 exact for inputs whose mean is large relative to their spread. The
-    centred tensor is returned because the forward and the backward both need it; ``scratch`` (it held the squares)
-    is dead, free for the forward's output.
+
+def _row_length(t: Tensor) -> int:
+    """Length of the rows a contiguous ``(N, C, *)`` tensor splits into within one ``(n, c)`` slice (0: no fast path).
+
+    The per-channel values of an NCHW-contiguous tensor are ``N`` runs of ``L = prod(*)``; those runs are cut into
+    rows of at most :data:`_MAX_ROW` values (a divisor of ``L``) for :func:`_channel_sumsq`.
+    """
+    if t.dim() < 3 or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float64) or t.numel() == 0:
+        return 0
+    length = t.numel() // (t.shape[0] * t.shape[1])
+    if length < _MIN_ROW:
+        return 0
+    if length <= _MAX_ROW:
+        return length
+    return next((d for d in range(_MAX_ROW, _MIN_ROW - 1, -1) if length % d == 0), 0)
+
+
+def _channel_sumsq(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Per-channel sum of squares of ``t``; also returns the squares' buffer when one had to be written (else None).
+
+    For NCHW-contiguous float tensors a row-wise ``vector_norm`` reads the data once and writes nothing (three times
+    less memory traffic than squaring then summing); its float32 accumulation over rows of <= 4096 values keeps the
+    relative error near 4e-7, far below what BN's outputs can show. Other layouts square, then sum.
+    """
+    row = _row_length(t)
+    if row:
+        n, c = t.shape[0], t.shape[1]
+        norms = torch.linalg.vector_norm(t.view(-1, row), dim=1)
+        return norms.square_().view(n, c, -1).sum((0, 2)), None
+    squares = t * t
+    return _channel_sum(squares), squares
+
+
+def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, Tensor, Tensor | None]:
+    """Per-channel statistics and a centred input: ``(center, offset, var, count, x - center, scratch)``.
+
+    Everything is in the compute dtype. The mean is ``center + offset`` (``offset`` ``None`` means zero) and the
+    backward works on ``x - center``: :func:`grad_reductions` and :func:`grad_input` take exactly this pair.
+
+    Two ways, chosen per call:
+
+    - **centred (exact for any mean)**: ``center`` is the float32 mean; ``x - center`` is written out and the variance
+      computed from it (never as ``E[x^2] - E[x]^2``), which keeps float32 exact for inputs whose mean is large
+      relative to their spread. ``offset = mean(x - center)`` is the part of the true mean that float32 cannot hold
+      at ``|mean|`` (its spacing is ``|mean| * 6e-8``: 1e-3 at 1e4).
+    - **uncentred (CPU, NCHW-contiguous float input, every channel with ``mean^2 <= var``)**: ``center`` is zero,
+      ``x - center`` is ``x`` itself (nothing written) and ``var = E[x^2] - mean^2``. With the mean within one
+      standard deviation of zero the cancellation at most doubles the ~4e-7 relative error of the float32 sum of
+      squares, the float32 mean is within ~1.2e-7 standard deviations of the exact one (outputs within ~1.2e-6 of
+      float64 math, torch's own kernel ~4e-7), and the forward reads ``x`` twice and writes only its output: two
+      fewer passes and one fewer activation-sized buffer than the centred way. Deciding reads one host
+      value, free on CPU; accelerators always take the centred way (no synchronisation).
+
+    ``scratch`` is a dead activation-sized buffer (it held the squares) free for the forward's output, or ``None``.
+    In the centred way on CPU the offset pass is also skipped when every channel has ``mean^2 < 16 var``: there the
+    float32 centre is already within ~5e-7 standard deviations of the exact mean (measured: ``1.2e-7 |mean| / std``).
+
+    SyncBatchNorm may take either way on each rank: if every rank's channel has ``mean_i^2 <= var_i``, the merged
+    statistics satisfy ``mean^2 <= var`` too (``|mean| <= sum w_i |mean_i| <= sum w_i std_i <= std``), so the
+    backward's ``sum(dy * x) - mean * sum(dy)`` stays as accurate with the global mean.
     """
     dtype = compute_dtype(x.dtype)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
     center = _channel_sum(x, dtype).div_(denom)
+    on_cpu = x.device.type == "cpu"
+    if on_cpu and x.dtype == dtype and _row_length(x):
+        var = _channel_sumsq(x)[0].div_(denom).sub_(center.square()).clamp_(min=0)
+        if bool((center.square() <= _UNCENTERED_MAX_RATIO * var).all()):
+            return torch.zeros_like(center), center, var, count, x, None
     centered = x - _channel_view(center, x)  # type promotion gives the compute dtype without copying x first
-    offset = _channel_sum(centered).div_(denom)
-    scratch = centered * centered
-    var = _channel_sum(scratch).div_(denom).sub_(offset.square()).clamp_(min=0)
+    sumsq, scratch = _channel_sumsq(centered)
+    var = sumsq.div_(denom)
+    offset: Tensor | None = None
+    if not on_cpu or count == 0 or bool((center.square() >= _OFFSET_SKIP_RATIO * var).any()):
+        offset = _channel_sum(centered).div_(denom)
+        var = var.sub_(offset.square()).clamp_(min=0)
     return center, offset, var, count, centered, scratch
 
 
@@ -209,7 +273,7 @@ def batch_stats(x: Tensor) -> BatchStats:
     """
     with torch.no_grad():
         center, offset, var, count, _, _ = _centered_stats(x)
-    return BatchStats(center + offset, var, count)
+    return BatchStats(center if offset is None else center + offset, var, count)
 
 
 def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
@@ -390,10 +454,11 @@ class _BatchNormTrainFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, reducer, renorm):  # type: ignore[override]
         center, offset, var, count, centered, scratch = _centered_stats(x)
         if reducer is None:
-            mean = center + offset
+            mean = center if offset is None else center + offset
         else:
             # peers exchange float64 means: a float32 mean is quantised at |mean| * 6e-8
-            mean64, var, count = reducer.reduce_stats(center.double() + offset.double(), var, count)
+            local64 = center.double() if offset is None else center.double() + offset.double()
+            mean64, var, count = reducer.reduce_stats(local64, var, count)
             offset = (mean64 - center.double()).to(center.dtype)
             mean = mean64.to(center.dtype)
         invstd = torch.rsqrt(var + eps)

@@ -39,6 +39,43 @@ def test_training_output_and_grads_stable_for_large_mean():
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=0)
 
 
+# mean/std ratios on both sides of every switch in _centered_stats: uncentred (mean^2 <= var), centred without the
+# offset pass (mean^2 < 16 var), centred with it; the shape has rows of 256 values, so the CPU fast paths apply
+@pytest.mark.parametrize(
+    "ratio,path", [(0.0, "uncentred"), (0.9, "uncentred"), (1.1, "centred"), (3.9, "centred"), (4.1, "offset"),
+                   (50.0, "offset"), (1e4, "offset")]
+)  # fmt: skip
+def test_every_statistics_path_matches_float64_math(ratio, path):
+    g = torch.Generator().manual_seed(7)
+    shape = (16, 5, 16, 16)
+    # per channel exactly `ratio` standard deviations from zero, in float64 before rounding to float32
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), correction=0, keepdim=True)
+    x = (z + ratio * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64).view(1, -1, 1, 1)).float()
+    dy = torch.randn(shape, generator=g)
+    w = torch.rand(5, generator=g) + 0.5
+    b = torch.randn(5, generator=g)
+
+    center, offset, _, _, centered, _ = BF._centered_stats(x)
+    taken = "uncentred" if centered is x else ("offset" if offset is not None else "centred")
+    assert taken == path
+
+    xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+    y = BF.batch_norm(xl, None, None, wl, bl, training=True)
+    y.backward(dy)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    mean, var = _ref_stats(x64)
+    y64 = (x64 - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5) * w64.view(1, -1, 1, 1)
+    (y64 + b64.view(1, -1, 1, 1)).backward(dy.double())
+    stats = BF.batch_stats(x)
+    torch.testing.assert_close(stats.mean.double(), mean.detach(), atol=2e-6 * max(ratio, 1), rtol=0)
+    torch.testing.assert_close(stats.var.double(), var.detach(), atol=0, rtol=2e-6 if ratio < 100 else 1e-4)
+    torch.testing.assert_close(y.double(), (y64 + b64.view(1, -1, 1, 1)).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(xl.grad.double(), x64.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wl.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(bl.grad.double(), b64.grad, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(12, 3), (4, 3, 5), (2, 3, 4, 4)])
 def test_grad_reductions_and_grad_input_match_float64_autograd(shape):
     g = torch.Generator().manual_seed(2)

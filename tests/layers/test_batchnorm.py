@@ -22,6 +22,10 @@ CASES = {
     "2d_channels_last": (B.BatchNorm2d, nn.BatchNorm2d, (4, 6, 5, 7), torch.channels_last),
     "3d_NCDHW": (B.BatchNorm3d, nn.BatchNorm3d, (3, 6, 3, 4, 5), None),
     "3d_channels_last": (B.BatchNorm3d, nn.BatchNorm3d, (3, 6, 3, 4, 5), torch.channels_last_3d),
+    # rows of >= 64 values per (n, c): the CPU fast paths (row-wise sums of squares, uncentred statistics)
+    "2d_NCHW_rows": (B.BatchNorm2d, nn.BatchNorm2d, (4, 6, 8, 16), None),
+    "3d_NCDHW_rows": (B.BatchNorm3d, nn.BatchNorm3d, (2, 6, 4, 8, 8), None),
+    "1d_NCL_split_rows": (B.BatchNorm1d, nn.BatchNorm1d, (2, 6, 5120), None),  # rows cut into 2 x 2560
 }
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 

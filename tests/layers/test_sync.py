@@ -86,7 +86,7 @@ def test_ddp_training_matches_one_process_on_concatenated_batch(sizes):
 # ---------------------------------------------------------------- layer level: uneven, empty, large mean, subgroups
 
 
-def _layer_worker(rank, world, sizes, dtype, mean_shift, group_ranks, device="cpu"):
+def _layer_worker(rank, world, sizes, dtype, mean_shift, group_ranks, device="cpu", hw=3):
     group = None
     if group_ranks is not None:  # every rank creates every group, in the same order
         groups = [dist.new_group(r) for r in group_ranks]
@@ -96,8 +96,8 @@ def _layer_worker(rank, world, sizes, dtype, mean_shift, group_ranks, device="cp
     else:
         sizes_in_group, pos, members = sizes, rank, list(range(world))
     g = torch.Generator().manual_seed(7 + members[0])
-    x_all = (torch.randn(sum(sizes_in_group), 4, 3, 3, generator=g, dtype=torch.float64) + mean_shift).to(dtype)
-    dy_all = torch.randn(sum(sizes_in_group), 4, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    x_all = (torch.randn(sum(sizes_in_group), 4, hw, hw, generator=g, dtype=torch.float64) + mean_shift).to(dtype)
+    dy_all = torch.randn(sum(sizes_in_group), 4, hw, hw, generator=g, dtype=torch.float64).to(dtype)
     layer = B.SyncBatchNorm(4, momentum=0.3, process_group=group, dtype=dtype, device=device)
     with torch.no_grad():
         layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
@@ -135,6 +135,13 @@ def _reference_layer(x_all, dy_all, dtype):
 )
 def test_uneven_and_empty_batches_equal_the_concatenated_batch(sizes, dtype, shift, tol):
     _check_layer_results(run_distributed(_layer_worker, 2, sizes, dtype, shift, None), dtype, tol)
+
+
+@pytest.mark.parametrize("shift", [0.3, 3.0], ids=["uncentred", "centred"])
+def test_float32_rows_fast_paths_equal_the_concatenated_batch(shift):
+    # 8x8 planes: each rank takes the CPU statistics fast path that its own batch allows (see _centered_stats)
+    results = run_distributed(_layer_worker, 2, [3, 5], torch.float32, shift, None, "cpu", 8)
+    _check_layer_results(results, torch.float32, 1e-5)
 
 
 @pytest.mark.gpu
