@@ -120,7 +120,12 @@ class StatsReducer(Protocol):
         ...
 
     def reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
-        """Sum the backward's per-channel reductions over the peers (backward collective)."""
+        """Sum the backward's per-channel reductions over the peers (backward collective).
+
+        A reducer may also offer ``start_reduce_grads(sum_dy, sum_dy_xhat)``, which starts the same collective
+        asynchronously and returns a callable that waits for it and returns the sums; the backward then computes
+        the part of the input gradient that needs no global sum while the collective is in flight.
+        """
         ...
 
 
@@ -444,6 +449,37 @@ def grad_input(
     Returns:
         ``dx`` with the shape and memory format of ``grad_out``.
     """
+    dx = _scaled_grad(grad_out, centered, invstd, weight, out)
+    dtype = grad_out.dtype if out_dtype is None else out_dtype
+    return _finish_grad_input(dx, centered, invstd, weight, sum_dy, sum_dy_xhat, count, offset, dtype)
+
+
+def _scaled_grad(
+    grad_out: Tensor, centered: Tensor, invstd: Tensor, weight: Tensor | None, out: Tensor | None
+) -> Tensor:
+    """``dy * gamma * invstd``, the part of ``dx`` that needs no batch-wide sum, in ``centered``'s dtype and layout.
+
+    Written into ``out`` (a dead buffer shaped like ``centered``) when given. SyncBatchNorm computes it while its
+    backward all-reduce is in flight.
+    """
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if out is None or out.dtype != centered.dtype or out.shape != centered.shape:
+        out = torch.empty_like(centered)
+    return torch.mul(grad_out, _channel_view(a, centered), out=out)
+
+
+def _finish_grad_input(
+    dx: Tensor,
+    centered: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: Count,
+    offset: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Add the batch-wide terms to ``dx = dy * a`` in place: ``dx += (x - c) * b + d``, then cast to ``out_dtype``."""
     count = _host_count(count)
     n = count.to(invstd.dtype).clamp(min=1) if isinstance(count, Tensor) else float(max(count, 1))
     a = invstd if weight is None else invstd * weight.to(invstd.dtype)
@@ -451,10 +487,8 @@ def grad_input(
     d = -a * (sum_dy / n)
     if offset is not None:
         d = d - offset * b
-    dx = _affine(centered, b, d, centered.dtype, out=out)
-    dx.addcmul_(grad_out, _channel_view(a, centered))
-    dtype = grad_out.dtype if out_dtype is None else out_dtype
-    return dx if dx.dtype == dtype else dx.to(dtype)
+    dx.addcmul_(centered, _channel_view(b, centered)).add_(_channel_view(d, centered))
+    return dx if dx.dtype == out_dtype else dx.to(out_dtype)
 
 
 class _BatchNormTrainFn(torch.autograd.Function):
@@ -502,13 +536,37 @@ class _BatchNormTrainFn(torch.autograd.Function):
         if need_w and weight is not None:
             grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
         grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
-        grad_x = None
+        # every rank joins the backward collective, also when it needs no input gradient; where the reducer can
+        # run it asynchronously, dy * gamma * invstd (which needs no global sum) is computed while it is in flight
+        finish = None
         if ctx.reducer is not None:
-            # every rank joins the backward collective, also when it needs no input gradient
+            start = getattr(ctx.reducer, "start_reduce_grads", None)
+            if start is None:
+                sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
+            else:
+                finish = start(sum_dy, sum_dy_xhat)
+        partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
+        if finish is not None:
+            sum_dy, sum_dy_xhat = finish()
+        grad_x = None
+        if partial is not None:
+            grad_x = _finish_grad_input(
+                partial, centered, invstd, weight_eff, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype
+            )
+        return grad_x, grad_w, grad_b, None, None, None
+        # every rank joins the backward collective, also when it needs no input gradient; where the reducer can
+        # run it asynchronously, dy * gamma * invstd (which needs no global sum) is computed while it is in flight
+        start = getattr(ctx.reducer, "start_reduce_grads", None)
+        if start is None:
             sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
-        if need_x:
-            grad_x = grad_input(
-                grad_out, centered, invstd, weight_eff, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch
+            partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
+        else:
+            finish = start(sum_dy, sum_dy_xhat)
+            partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
+            sum_dy, sum_dy_xhat = finish()
+        if partial is not None:
+            grad_x = _finish_grad_input(
+                partial, centered, invstd, weight_eff, sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype
             )
         return grad_x, grad_w, grad_b, None, None, None
 

@@ -11,6 +11,7 @@ torch's DDP refuses to wrap a CPU module that holds one.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,9 +68,18 @@ class ProcessGroupReducer:
 
     def reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
         """All-reduce (sum) the backward's two per-channel sums, packed into one tensor."""
+        return self.start_reduce_grads(sum_dy, sum_dy_xhat)()
+
+    def start_reduce_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+        """Start :meth:`reduce_grads`'s all-reduce asynchronously; the callable returned waits and returns the sums."""
         packed = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(packed, group=self.group)
-        return packed[: sum_dy.numel()], packed[sum_dy.numel() :]
+        work = dist.all_reduce(packed, group=self.group, async_op=True)
+
+        def finish() -> tuple[Tensor, Tensor]:
+            work.wait()
+            return packed[: sum_dy.numel()], packed[sum_dy.numel() :]
+
+        return finish
 
 
 def group_reducer(layer: ScratchBatchNormMixin, process_group: Any) -> StatsReducer | None:

@@ -54,9 +54,12 @@ def _step(layer, x, grad):
     return y, xr.grad
 
 
-def _assert_same(ours, ref, dtype):
+def _assert_same(ours, ref, dtype, values_per_channel=1):
+    # gamma/beta grads are sums of `values_per_channel` float32 products in different orders: their rounding grows
+    # like sqrt(n) times the terms' size, so the absolute tolerance does too (1e-5 up to 64 values per channel)
+    atol = TOL[dtype]["atol"] * max(1.0, (values_per_channel / 64) ** 0.5)
     for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, **TOL[dtype], msg=f"grad of {name}")
+        torch.testing.assert_close(a.grad, b.grad, atol=atol, rtol=TOL[dtype]["rtol"], msg=f"grad of {name}")
     for (name, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers(), strict=True):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=f"buffer {name}")
 
@@ -83,7 +86,7 @@ def test_parity_with_torch(case, momentum, affine, track, dtype):
         assert y.dtype == y_ref.dtype
         if fmt is not None:
             assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
-        _assert_same(ours, ref, dtype)
+        _assert_same(ours, ref, dtype, x.numel() // x.shape[1])
 
 
 @pytest.mark.parametrize("case", ["1d_NC", "2d_NCHW", "2d_channels_last", "3d_NCDHW"])
