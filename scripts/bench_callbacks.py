@@ -330,13 +330,6 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
         ]
         return max(found, default=(0.0, 0))
 
-    # the pre and post forward hooks are both closures named "hook": tell them apart by line (pre comes first)
-    hook_lines = sorted(
-        lineno
-        for (file, lineno, fn) in stats.stats  # type: ignore[attr-defined]
-        if fn == "hook" and file.replace(os.sep, "/").endswith("bn_lightning/callbacks/_base.py")
-    )
-    pre, post = (hook_lines + [-1, -1])[:2]
     cb, mon, drift = (
         "bn_lightning/callbacks/_base.py",
         "bn_lightning/callbacks/monitor.py",
@@ -345,14 +338,13 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
     rows = []
     for label, file_part, func, line in [
         ("optimizer step closure (fwd + bwd + SGD)", "lightning/pytorch/loops/optimization/automatic.py", "run", None),
-        ("  BN pre-forward hooks (snapshot)", cb, "hook", pre),
-        ("  BN post-forward hooks", cb, "hook", post),
-        ("    BatchNormMonitor._layer_values", mon, "_layer_values", None),
-        ("      sample_flat", mon, "sample_flat", None),
-        ("    RunningStatDrift._layer_values", drift, "_layer_values", None),
-        ("    layer_batch_stats (both)", cb, "layer_batch_stats", None),
+        ("  BN pre-forward hooks (stash, shared)", cb, "_pre", None),
+        ("  BN forward hooks (stash, samples, shared)", cb, "_post", None),
         ("callbacks' on_train_batch_start", cb, "on_train_batch_start", None),
         ("callbacks' on_train_batch_end (both)", cb, "on_train_batch_end", None),
+        ("  _Recorder.batch (pack all layers, shared)", cb, "batch", None),
+        ("  BatchNormMonitor._compute (all layers)", mon, "_compute", None),
+        ("  RunningStatDrift._compute (all layers)", drift, "_compute", None),
         ("  _log -> CSVLogger.log_metrics", cb, "_log", None),
         ("  BatchNormMonitor._on_record", mon, "_on_record", None),
         ("  RunningStatDrift._on_record (checks)", drift, "_on_record", None),

@@ -12,10 +12,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from bn_lightning.callbacks._base import BatchNormCallbackBase, layer_batch_stats
+from bn_lightning.callbacks._base import BatchNormCallbackBase, LayerBatch
 
 __all__ = ["CHECKS", "BatchNormHealthError", "RunningStatDrift", "gaussian_kl"]
 
@@ -131,55 +130,83 @@ class RunningStatDrift(BatchNormCallbackBase):
         self.max_drift_kl = max_drift_kl
         self.collapse_var = collapse_var
         self.max_collapsed_frac = max_collapsed_frac
-        self._previous: dict[str, tuple[Tensor, Tensor]] = {}
+        self._previous_dict: dict[str, tuple[Tensor, Tensor]] = {}
+        # the running statistics at the previous record, packed like LayerBatch.running, and which rows hold them;
+        # while set, they are the truth and _previous_dict is stale
+        self._previous_stack: tuple[Tensor, Tensor] | None = None
         self._max_channels = 0
         self.alerts: dict[str, dict[str, int]] = {check: {} for check in CHECKS}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        previous = self._previous  # by name: the layers may differ from the previous fit's
         super().on_fit_start(trainer, pl_module)
         self._max_channels = max((m.num_features for m in self._layers.values()), default=0)
         device = pl_module.device
-        self._previous = {k: (rm.to(device), rv.to(device)) for k, (rm, rv) in self._previous.items()}
+        self._previous = {k: (rm.to(device), rv.to(device)) for k, (rm, rv) in previous.items()}
 
-    def _needs_snapshot(self, layer: _BatchNorm) -> bool:
-        return layer.track_running_stats and layer.running_mean is not None
+    @property
+    def _previous(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Layer -> (running_mean, running_var) at the previous record."""
+        if self._previous_stack is not None:
+            stack, valid = self._previous_stack
+            self._previous_stack = None
+            self._previous_dict = {
+                name: (stack[i, 0, : m.num_features].clone(), stack[i, 1, : m.num_features].clone())
+                for (i, (name, m)), ok in zip(enumerate(self._layers.items()), valid.tolist(), strict=True)
+                if ok
+            }
+        return self._previous_dict
+
+    @_previous.setter
+    def _previous(self, value: dict[str, tuple[Tensor, Tensor]]) -> None:
+        self._previous_stack = None
+        self._previous_dict = dict(value)
+
+    def _previous_packed(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The previous record's running statistics ``(L, 2, W)`` (zero-padded) and which rows hold them."""
+        if self._previous_stack is None:
+            stack = torch.zeros_like(like)
+            valid = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+            for i, name in enumerate(self._layers):
+                prev = self._previous_dict.get(name)
+                if prev is not None:
+                    stack[i, 0, : prev[0].numel()] = prev[0]
+                    stack[i, 1, : prev[1].numel()] = prev[1]
+                    valid[i] = True
+            self._previous_stack = (stack, valid)
+        return self._previous_stack
 
     def _extra_width(self) -> int:
         # every rank's running_mean and running_var (padded to the widest layer) ride in the same all-gather
         return 2 * self._max_channels
 
-    def _layer_values(self, name: str, layer: _BatchNorm, x: Tensor, y: Tensor) -> Tensor:
-        nan = torch.full((), float("nan"), device=x.device)
-        pad = torch.full((2 * self._max_channels,), float("nan"), device=x.device)
-        before = self._snapshots.get(name)
-        if before is None or layer.running_mean is None:  # no running statistics: nothing drifts
-            return torch.cat([nan.repeat(len(self.STATS)), pad])
-        stats = layer_batch_stats(layer, x, before)
-        mean, var = stats.mean.float(), stats.var.float()
-        rm0, rv0, _ = before
-        kl = gaussian_kl(mean, var + layer.eps, rm0, rv0 + layer.eps)
-        rm, rv = layer.running_mean.detach().float(), layer.running_var.detach().float()
-        prev = self._previous.get(name)
-        if prev is None:
-            velocity = [nan, nan]
-        else:
-            velocity = [
-                (rm - prev[0]).norm() / prev[0].norm().clamp(min=1e-12),
-                (rv - prev[1]).norm() / prev[1].norm().clamp(min=1e-12),
-            ]
-        self._previous[name] = (rm.clone(), rv.clone())
-        values = [
-            kl.mean(),
-            kl.max(),
-            *velocity,
-            torch.tensor(float(x.shape[0]), device=x.device),
-            (var <= self.collapse_var).float().mean(),
-            (~torch.isfinite(rm)).float().sum() + (~torch.isfinite(rv)).float().sum(),
+    def _compute(self, batch: LayerBatch) -> Tensor:
+        mean, var, mask, n, eps = batch.mean, batch.var, batch.mask, batch.channels, batch.eps
+        rm0, rv0 = batch.before[:, 0], batch.before[:, 1]
+        running = batch.running
+        rm, rv = running[:, 0], running[:, 1]
+        nan = torch.full((), float("nan"), device=mean.device)
+        # padding is 0 everywhere: the KL of two N(0, eps) is 0, norms and sums are unchanged
+        kl = gaussian_kl(mean, var + eps, rm0, rv0 + eps)
+        prev, had = self._previous_packed(running)
+        velocity = (running - prev).norm(dim=2) / prev.norm(dim=2).clamp(min=1e-12)
+        velocity = torch.where(had.unsqueeze(1), velocity, nan)
+        columns = [
+            kl.sum(1) / n,
+            torch.where(mask, kl, -torch.inf).amax(1),
+            velocity[:, 0],
+            velocity[:, 1],
+            batch.batch,
+            ((var <= self.collapse_var) & mask).sum(1) / n,
+            (~torch.isfinite(running)).sum((1, 2)),
         ]
-        pad[: rm.numel()] = rm
-        pad[self._max_channels : self._max_channels + rv.numel()] = rv
-        return torch.cat([torch.stack([v.reshape(()) for v in values]), pad])
+        values = torch.stack([c.float() for c in columns], dim=1)
+        rows = torch.cat([values, torch.where(mask, rm, nan), torch.where(mask, rv, nan)], dim=1)
+        # layers without running statistics (or that did not run) have nothing that drifts
+        ok = batch.ran & batch.tracked
+        self._previous_stack = (torch.where(ok.view(-1, 1, 1), running, prev), had | ok)
+        return torch.where(ok.unsqueeze(1), rows, nan)
 
     DERIVED = ("rank_disagreement",)
 

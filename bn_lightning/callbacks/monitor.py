@@ -12,46 +12,31 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.callbacks._base import BatchNormCallbackBase, layer_batch_stats
+from bn_lightning.callbacks._base import BatchNormCallbackBase, LayerBatch, _sample_plan
 
 __all__ = ["BatchNormMonitor", "sample_flat"]
 
 
-def sample_flat(t: Tensor, k: int, cache: dict[Any, Tensor]) -> tuple[Tensor, Tensor]:
+def sample_flat(t: Tensor, k: int, cache: dict[Any, Any] | None = None) -> tuple[Tensor, Tensor]:
     """A fixed random sample of at most ``k`` elements of ``t`` ``(N, C, *)`` and the channel of each.
 
-    Reads the tensor in memory order (free for contiguous and channels-last tensors; other layouts are copied), so the
-    cost is O(k) whatever the activation size. The indices are drawn once per (size, layout, device) and cached, so
-    successive records look at the same positions.
+    Reads the tensor in memory order for contiguous and channels-last tensors, in logical order otherwise, without
+    copying it, so the cost is O(k) whatever the activation size. The indices are drawn once per (size, layout,
+    device) and cached in ``cache`` (default: the cache the callbacks share), so successive records look at the same
+    positions.
 
     Returns:
         ``(values, channels)``, both of length ``min(k, t.numel())``.
+
+    Example::
+
+        >>> values, channels = sample_flat(torch.arange(24.0).view(2, 3, 4), k=5)
+        >>> len(values), bool(((values // 4) % 3 == channels).all())
+        (5, True)
     """
-    dense = t.dim() >= 2 and (
-        t.is_contiguous()
-        or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-        or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
-    )
-    if dense:
-        flat = t.as_strided((t.numel(),), (1,), t.storage_offset())  # memory order, no copy
-        channel_stride = t.stride(1)
-    else:
-        flat = t.reshape(-1)  # logical order
-        channel_stride = t[0, 0].numel() if t.shape[0] else 1
-    key = (t.numel(), channel_stride, t.shape[1], t.device)
-    idx = cache.get(key)
-    if idx is None:
-        n = t.numel()
-        if n <= k:
-            idx = torch.arange(n, device=t.device)
-        else:
-            g = torch.Generator(device="cpu").manual_seed(n)
-            idx = torch.randperm(n, generator=g)[:k].to(t.device)
-        cache[key] = idx
-    channels = torch.div(idx, channel_stride, rounding_mode="floor") % max(t.shape[1], 1)
-    return flat[idx], channels
+    source, idx, channels = _sample_plan(t, k, cache)
+    return torch.take(source, idx), channels
 
 
 class BatchNormMonitor(BatchNormCallbackBase):
@@ -143,45 +128,53 @@ class BatchNormMonitor(BatchNormCallbackBase):
         self.sample_size = sample_size
         self.collapse_var = collapse_var
         self.near_zero_gamma = near_zero_gamma
-        self._index_cache: dict[Any, Tensor] = {}
 
     def _extra_width(self) -> int:
         return self.bins if self.histogram else 0
 
-    def _layer_values(self, name: str, layer: _BatchNorm, x: Tensor, y: Tensor) -> Tensor:
-        stats = layer_batch_stats(layer, x, self._snapshots.get(name))
-        mean, var = stats.mean.float(), stats.var.float()
+    def _sample_request(self) -> tuple[int, bool]:
+        return self.sample_size, self.histogram
+
+    def _compute(self, batch: LayerBatch) -> Tensor:
+        mean, var, mask, n = batch.mean, batch.var, batch.mask, batch.channels
         std = var.clamp(min=0).sqrt()
+        inf = torch.inf
+        gamma = batch.before[:, 2].abs()
         nan = torch.full((), float("nan"), device=mean.device)
-        if layer.weight is not None:
-            gamma = layer.weight.detach().float().abs()
-            gamma_stats = [gamma.min(), (gamma < self.near_zero_gamma).float().sum()]
-        else:
-            gamma_stats = [nan, nan]
-        beta = layer.bias.detach().float().mean() if layer.bias is not None else nan
-        y_sample, _ = sample_flat(y, self.sample_size, self._index_cache)
-        y_sample = y_sample.float()
-        values = [
-            mean.mean(),
-            std.mean(),
-            mean.abs().max(),
-            std.min(),
-            std.max(),
-            (var <= self.collapse_var).float().mean(),
-            (~torch.isfinite(mean + var)).float().sum(),
-            y_sample.std(correction=0) if y_sample.numel() else nan,
-            (y_sample <= 0).float().mean() if y_sample.numel() else nan,
-            *gamma_stats,
-            beta,
+        out, out_mask, out_n, inp, channels = batch.samples(self.sample_size, self.histogram)
+        out_mean = out.sum(1, keepdim=True) / out_n.unsqueeze(1)
+        out_var = torch.where(out_mask, out - out_mean, 0).square().sum(1) / out_n
+        # padding is 0 in every packed tensor: sums need no mask, nor maxima of non-negative values
+        columns = [
+            mean.sum(1) / n,
+            std.sum(1) / n,
+            mean.abs().amax(1),
+            torch.where(mask, std, inf).amin(1),
+            std.amax(1),
+            ((var <= self.collapse_var) & mask).sum(1) / n,
+            (~torch.isfinite(mean + var)).sum(1),
+            out_var.sqrt(),
+            ((out <= 0) & out_mask).sum(1) / out_n,
+            torch.where(batch.has_weight, torch.where(mask, gamma, inf).amin(1), nan),
+            torch.where(batch.has_weight, ((gamma < self.near_zero_gamma) & mask).sum(1), nan),
+            torch.where(batch.has_bias, batch.before[:, 3].sum(1) / n, nan),
         ]
-        out = torch.stack([v.reshape(()).to(mean.device) for v in values])
-        if not self.histogram:
-            return out
-        x_sample, channels = sample_flat(x, self.sample_size, self._index_cache)
-        xhat = (x_sample.float() - mean[channels]) * torch.rsqrt(var[channels] + layer.eps)
-        lim = self.hist_range
-        hist = torch.histc(xhat.clamp(-lim, lim), bins=self.bins, min=-lim, max=lim)
-        return torch.cat([out, hist])
+        values = torch.stack([c.float() for c in columns], dim=1)
+        if inp is not None and channels is not None:  # with the histogram
+            xhat = (inp - mean.gather(1, channels)) * torch.rsqrt(var.gather(1, channels) + batch.eps)
+            values = torch.cat([values, self._histograms(xhat, out_mask)], dim=1)
+        return torch.where(batch.ran.unsqueeze(1), values, nan)
+
+    def _histograms(self, xhat: Tensor, mask: Tensor) -> Tensor:
+        """Row-wise ``torch.histc(xhat.clamp(-r, r), bins, -r, r)`` of the ``mask``-ed entries, ``(L, bins)``."""
+        lim, bins = self.hist_range, self.bins
+        clamped = xhat.clamp(-lim, lim)
+        valid = mask & (clamped == clamped)  # histc skips NaN
+        # histc's bin: (x - min) * bins / (max - min), the right edge in the last bin
+        pos = torch.where(valid, (clamped + lim) * bins / (2 * lim), 0).long().clamp_(max=bins - 1)
+        pos += torch.arange(0, xhat.shape[0] * bins, bins, device=xhat.device).unsqueeze(1)
+        counts = torch.zeros(xhat.shape[0] * bins, device=xhat.device)
+        return counts.index_add_(0, pos.view(-1), valid.view(-1).float()).view(-1, bins)
 
     def _on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
         if not (self.histogram and trainer.is_global_zero and trainer.loggers):

@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bn_lightning
-from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
+from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift, find_batchnorm_layers
+from bn_lightning.callbacks._base import _Recorder
+from bn_lightning.callbacks.drift import gaussian_kl
 from tests.helpers.lightning_ddp_callbacks import CapturingLogger
 from tests.helpers.tiny import TinyBNNet
 
@@ -221,25 +223,143 @@ def test_collapsed_channels_and_near_zero_gamma(tmp_path):
     assert metrics["bn/bn/gamma_abs_min"] == 0.0
 
 
+class Mixed(pl.LightningModule):
+    """Three BN layers of different widths and kinds, each followed by an in-place ReLU; keeps, per training forward
+    of every BN layer, its input, output, weight and bias and running statistics before and after (float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3),
+            bn_lightning.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(64, 32),
+            nn.BatchNorm1d(32, momentum=None),
+            nn.ReLU(inplace=True),
+            nn.Linear(32, 2),
+        )
+        self.seen: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for name, bn in find_batchnorm_layers(self).items():
+            bn.register_forward_pre_hook(lambda m, args, name=name: self._before(name, m))
+            bn.register_forward_hook(lambda m, args, out, name=name: self._after(name, m, args[0], out))
+
+    def _before(self, name, bn):
+        if bn.training:
+            self.seen.setdefault(name, []).append(
+                {
+                    "rm0": bn.running_mean.double().clone(),
+                    "rv0": bn.running_var.double().clone(),
+                    "gamma": bn.weight.detach().double().clone(),
+                    "beta": bn.bias.detach().double().clone(),
+                }
+            )
+
+    def _after(self, name, bn, x, y):
+        if bn.training:
+            self.seen[name][-1].update(
+                x=x.detach().double().clone(),
+                y=y.detach().double().clone(),
+                rm=bn.running_mean.double().clone(),
+                rv=bn.running_var.double().clone(),
+                eps=bn.eps,
+            )
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # weights change: gamma/beta are read before the forward
+
+
+def _expected_mixed(seen: list[dict[str, torch.Tensor]], step: int, drift_every: int | None) -> dict[str, float]:
+    """Monitor (and with ``drift_every``, drift) statistics of one layer at one step, in float64."""
+    s = seen[step]
+    x, y = s["x"], s["y"]
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+    std = var.sqrt()
+    expected = {
+        "batch_mean": mean.mean(),
+        "batch_std": std.mean(),
+        "max_abs_mean": mean.abs().max(),
+        "min_std": std.min(),
+        "max_std": std.max(),
+        "collapsed_frac": 0.0,
+        "nonfinite_channels": 0.0,
+        "out_std": y.std(unbiased=False),
+        "out_nonpos_frac": (y <= 0).double().mean(),
+        "gamma_abs_min": s["gamma"].abs().min(),
+        "gamma_near_zero": (s["gamma"].abs() < 1e-3).sum(),
+        "beta_mean": s["beta"].mean(),
+    }
+    if drift_every is not None:
+        kl = gaussian_kl(mean, var + s["eps"], s["rm0"], s["rv0"] + s["eps"])
+        expected.update(drift_kl=kl.mean(), drift_kl_max=kl.max(), batch_size=8, nonfinite_running=0.0)
+        if step >= drift_every:  # against the running statistics of the previous record
+            rm1, rv1 = seen[step - drift_every]["rm"], seen[step - drift_every]["rv"]
+            expected["rm_velocity"] = (s["rm"] - rm1).norm() / rm1.norm()
+            expected["rv_velocity"] = (s["rv"] - rv1).norm() / rv1.norm()
+    return {k: float(v) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize(("monitor_every", "drift_every"), [(1, 1), (2, 1), (1, 2)])
+def test_all_layers_of_a_mixed_model_match_independent_computation(tmp_path, monitor_every, drift_every):
+    # three layers of widths 8, 16, 32 packed together; a drift watching a narrower subset shares the monitor's
+    # hooks, on its own cadence
+    module = Mixed()
+    monitor = BatchNormMonitor(log_every_n_steps=monitor_every, sample_size=100_000)
+    drift = RunningStatDrift(log_every_n_steps=drift_every, exclude=["net.8"], min_batch_size=2)
+    data = torch.cat([_fixed_batch(), _fixed_batch() * 2 - 1])
+    logger, _ = _fit(module, [monitor, drift], tmp_path, data=data, batch_size=8, max_steps=4)
+    logged: dict[int, dict[str, float]] = {}
+    for step, metrics in logger.bn_rows():
+        logged.setdefault(step - 1, {}).update(metrics)
+    steps = sorted(set(range(0, 4, monitor_every)) | set(range(0, 4, drift_every)))
+    assert sorted(logged) == steps
+    for step in steps:
+        for name, seen in module.seen.items():
+            with_drift = name != "net.8" and step % drift_every == 0
+            expected = _expected_mixed(seen, step, drift_every if with_drift else None)
+            if step % monitor_every:  # the drift's only (both log collapsed_frac)
+                expected = {k: v for k, v in expected.items() if with_drift and k in RunningStatDrift.STATS}
+            keys = {k.split("/")[-1] for k in logged[step] if k.split("/")[1] == name}
+            assert keys == set(expected), (step, name)
+            for stat, value in expected.items():
+                where = (step, name, stat)
+                assert logged[step][f"bn/{name}/{stat}"] == pytest.approx(value, rel=1e-4, abs=1e-6), where
+
+
 # ------------------------------------------------------------------- cadence, hooks, validation (shared base)
 
 
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, monkeypatch, cls):
-    calls = []
-    original = cls._layer_values
+    computed, stashed = [], []
+    compute, post = cls._compute, _Recorder._post
 
-    def counting(self, name, layer, x, y):
-        calls.append((self.batches_seen, name, layer.training))
-        return original(self, name, layer, x, y)
+    def computing(self, batch):
+        computed.append((self.batches_seen, batch.ran_list))
+        return compute(self, batch)
 
-    monkeypatch.setattr(cls, "_layer_values", counting)
+    def stashing(self, layer, args, output):
+        if self.armed:
+            stashed.append(layer.training)
+        return post(self, layer, args, output)
+
+    monkeypatch.setattr(cls, "_compute", computing)
+    monkeypatch.setattr(_Recorder, "_post", stashing)
     cb = cls(log_every_n_steps=3)
     data = torch.cat([_fixed_batch()] * 2)[:28]  # 7 batches of 4
     logger, trainer = _fit(ConvBN(_bn("torch"), capture=False), [cb], tmp_path, data=data, batch_size=4, max_steps=7)
     assert trainer.global_step == 7
     assert cb.batches_seen == 7 and cb.records == 3
-    assert calls == [(0, "bn", True), (3, "bn", True), (6, "bn", True)]
+    assert computed == [(1, [True]), (4, [True]), (7, [True])]  # at the end of batches 0, 3, 6
+    assert stashed == [True] * 3  # the hooks stash nothing on the other steps
     assert [step for step, _ in logger.bn_rows()] == [1, 4, 7]  # batches 0, 3, 6, logged at trainer.global_step
 
 
@@ -255,7 +375,7 @@ def test_log_every_n_steps_none_follows_the_trainer(tmp_path):
 def test_hooks_installed_for_fit_and_removed_at_teardown(tmp_path, cls):
     module = ConvBN(_bn("torch"), capture=False)
     _fit(module, [cls(log_every_n_steps=1), cls(log_every_n_steps=2, prefix="other")], tmp_path, max_steps=2)
-    assert module.hooks_seen == [(2, 2), (2, 2)]  # one pre-hook and one hook per callback while training
+    assert module.hooks_seen == [(1, 1), (1, 1)]  # one pre-hook and one hook per layer, shared by the callbacks
     for name, m in module.named_modules():
         assert not m._forward_hooks and not m._forward_pre_hooks, name
 
@@ -263,13 +383,14 @@ def test_hooks_installed_for_fit_and_removed_at_teardown(tmp_path, cls):
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_validation_and_sanity_check_neither_record_nor_touch_state(tmp_path, monkeypatch, cls):
     modes = []
-    original = cls._layer_values
+    original = _Recorder._post
 
-    def spying(self, name, layer, x, y):
-        modes.append(layer.training)
-        return original(self, name, layer, x, y)
+    def spying(self, layer, args, output):
+        if self.armed:
+            modes.append(layer.training)
+        return original(self, layer, args, output)
 
-    monkeypatch.setattr(cls, "_layer_values", spying)
+    monkeypatch.setattr(_Recorder, "_post", spying)
     g = torch.Generator().manual_seed(3)
     train = torch.randn(24, 3, 6, 6, generator=g)  # 6 different batches of 4: the velocities are not zero
     val = torch.randn(8, 3, 6, 6, generator=g) * 5 + 3
