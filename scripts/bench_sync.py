@@ -27,8 +27,10 @@ skew becomes the next call's arrival skew, so it mixes waiting into "latency", a
 follow compute.
 
 Where the extra goes (``--breakdown``, on by default): after the rounds, more ``sync`` steps run with the reducer's two
-methods (``ProcessGroupReducer.reduce_stats``/``reduce_grads``: pack, collective, merge) stamped the same way; per
-step, the time in them splits into WAITING for the peer (last entry - own entry) and LATENCY (own exit - last entry).
+methods (``ProcessGroupReducer.reduce_stats``/``start_reduce_grads``: pack, collective, merge; the backward's
+all_reduce runs asynchronously while ``dy * gamma / std`` is computed, and counts until its wait returns) stamped the
+same way; per step, the time in them splits into WAITING for the peer (last entry - own entry) and LATENCY (own exit
+- last entry).
 The rest of the extra is outside the collectives: the sync path's extra small ops (about 4 ms per step, measured in
 one process with the collectives stubbed out), and noise.
 
@@ -162,14 +164,23 @@ class LatencyProbe:
 def _breakdown(step: Callable[[], None], steps: int) -> dict[str, float]:
     """Run ``steps`` training steps with the reducer's methods stamped: per-step seconds, rank mean, mean of steps."""
     calls: list[tuple[float, float]] = []
-    originals = {name: getattr(ProcessGroupReducer, name) for name in ("reduce_stats", "reduce_grads")}
+    # the backward starts its all_reduce asynchronously and waits later: a call lasts from start to the end of the wait
+    originals = {name: getattr(ProcessGroupReducer, name) for name in ("reduce_stats", "start_reduce_grads")}
 
     def stamped(fn):
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            calls.append((t0, time.perf_counter()))
-            return out
+            if not callable(out):
+                calls.append((t0, time.perf_counter()))
+                return out
+
+            def finish():
+                result = out()
+                calls.append((t0, time.perf_counter()))
+                return result
+
+            return finish
 
         return wrapper
 
