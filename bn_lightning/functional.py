@@ -517,7 +517,9 @@ def grad_input(
     """Closed-form input gradient of batch normalisation with batch statistics.
 
     ``dx = gamma * invstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``, evaluated as
-    ``dx = dy * a + (x - c) * b + d`` with per-channel ``a, b, d``: two fused passes over the data.
+    ``dx = dy * a + (x - c) * b + d`` with per-channel ``a, b, d``: a multiply, an ``addcmul_`` and an add, run
+    block by block over the batch on CPU so that the last two find the block in cache (reads ``dy`` and ``x - c``
+    once, writes ``dx`` once).
 
     Args:
         grad_out: ``dy``, shape ``(N, C, *)``.
