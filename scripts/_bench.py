@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -40,6 +41,8 @@ from contextlib import contextmanager
 import torch
 
 __all__ = [
+    "add_threads_option",
+    "apply_threads_option",
     "cpu_contention",
     "environment_lines",
     "interleaved",
@@ -149,8 +152,13 @@ def ratio_quartiles(a: Sequence[float], b: Sequence[float]) -> tuple[float, floa
 
         >>> ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5)
         (2.0, 4.0)
+        >>> ratio_quartiles([3.0], [2.0])  # a single round: no spread to show
+        (1.5, 1.5)
     """
-    q1, _, q3 = statistics.quantiles(_ratios(a, b), n=4, method="inclusive")
+    ratios = _ratios(a, b)
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q3
 
 
@@ -257,3 +265,16 @@ def reproduce_command(args: Sequence[str]) -> str:
     exe = rel if not rel.startswith("..") else exe
     script = os.path.relpath(sys.argv[0])
     return shlex.join([exe, script, *args])
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads`` (``torch.set_num_threads``; default: torch's own) to a benchmark's parser."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's own")
+
+
+def apply_threads_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate ``--threads`` (exits through ``parser.error``) and apply it with ``torch.set_num_threads``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)

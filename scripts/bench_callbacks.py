@@ -70,6 +70,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from _bench import (
+    add_threads_option,
+    apply_threads_option,
     cpu_contention,
     environment_lines,
     load_line,
@@ -402,7 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--discard", type=int, default=2, help="untimed steps at the start of every fit")
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps of the untimed warm-up fit per candidate")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's own")
+    add_threads_option(parser)
     parser.add_argument("--no-wandb", action="store_true", help="leave out the wandb.watch candidate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also profile callbacks@1 (cProfile, torch.profiler)")
@@ -416,15 +418,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.discard < 0 or args.warmup_steps < 0 or args.profile_steps < 2:
         parser.error("need --discard >= 0, --warmup-steps >= 0 and --profile-steps >= 2")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    apply_threads_option(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

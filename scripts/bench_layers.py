@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 from _bench import (
+    add_threads_option,
+    apply_threads_option,
     cpu_contention,
     environment_lines,
     interleaved,
@@ -169,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 64, 32, 32], metavar=("N", "C", "H", "W"))
     parser.add_argument("--rounds", type=int, default=50, help="timed interleaved rounds per workload")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds before each workload")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's own")
+    add_threads_option(parser)
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument(
         "--tol", type=float, default=1e-4, help="allowed max abs diff to native, relative to max(1, |native|)"
@@ -179,15 +181,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    apply_threads_option(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     shape = tuple(args.shape)
     print("bench_layers: bn_lightning.BatchNorm2d vs torch.nn.BatchNorm2d vs naive autograd BN (CPU, float32)")

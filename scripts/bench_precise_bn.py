@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 from _bench import (
+    add_threads_option,
+    apply_threads_option,
     cpu_contention,
     environment_lines,
     interleaved,
@@ -91,22 +93,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=11, help="timed interleaved rounds per BN implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's own")
+    add_threads_option(parser)
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), default=list(NORMS))
     parser.add_argument("--device", default="cpu", help="cpu (the target's device) or cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.num_batches < 1 or args.batch_size < 2 or args.rounds < 1 or args.warmup < 0:
         parser.error("need --num-batches >= 1, --batch-size >= 2, --rounds >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    apply_threads_option(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     k, n = args.num_batches, args.batch_size

@@ -1,8 +1,10 @@
-"""The demo script the README quotes runs, and shows what it claims: PreciseBN removes the drift and the gap."""
+"""The scripts the README quotes run: the PreciseBN demo shows what it claims, the benchmarks run at a tiny size."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,35 @@ def test_demo_precise_bn_repairs_the_running_statistics(capsys):
     assert after < 1e-3 < before
     gap_before, gap_after = rows["gap loss (running - batch)"]
     assert abs(gap_after) < abs(gap_before)
+
+
+# the benchmarks the README quotes: a tiny run of each, so that they cannot rot between measurements. They run in a
+# subprocess: they set torch's thread count for their whole process.
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("bench_layers", ["--shape", "4", "4", "8", "8", "--rounds", "2", "--warmup", "0", "--threads", "1"]),
+        ("bench_precise_bn", ["--num-batches", "1", "--batch-size", "4", "--rounds", "1", "--warmup", "0"]),
+    ],
+)
+def test_benchmark_scripts_run_and_print_how_to_reproduce(script, args):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reproduce: " in out.stdout
+
+
+def test_benchmark_thread_option_is_validated():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_layers.py"), "--threads", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and "--threads must be >= 1, got 0" in out.stderr
