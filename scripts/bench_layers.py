@@ -14,6 +14,7 @@ native, so a broken implementation cannot post a fast number.
     python scripts/bench_layers.py                       # defaults: (64, 64, 32, 32), both formats
     python scripts/bench_layers.py --threads 1 --rounds 50 --formats nchw
     python scripts/bench_layers.py --profile             # also: top aten ops of ours, per workload
+    python scripts/bench_layers.py --kernel compiled     # ours through torch.compile (set_kernel("compiled"))
 """
 
 from __future__ import annotations
@@ -177,6 +178,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tol", type=float, default=1e-4, help="allowed max abs diff to native, relative to max(1, |native|)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kernel",
+        choices=["eager", "compiled"],
+        default="eager",
+        help="bn_lightning.functional.set_kernel for ours (compiling happens in the untimed agreement check)",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile ours with torch.profiler")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
@@ -188,10 +195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    bn_lightning.functional.set_kernel(args.kernel)
     shape = tuple(args.shape)
     print("bench_layers: bn_lightning.BatchNorm2d vs torch.nn.BatchNorm2d vs naive autograd BN (CPU, float32)")
     print("\n".join(environment_lines()))
     print(f"shape (N, C, H, W): {shape}, formats: {' '.join(args.formats)}, rounds {args.rounds}, warmup {args.warmup}")
+    print(f"ours runs the {args.kernel} kernel (bn_lightning.functional.set_kernel)")
     print("time: median ms per call; ratio: median over rounds of candidate/native, [q1, q3] of those ratios;")
     print("others' CPU: share of all cores other processes used while that workload was timed (want ~0%)")
 
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     repro = ["--shape", *map(str, shape), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
     repro += ["--threads", str(torch.get_num_threads()), "--formats", *args.formats, "--seed", str(args.seed)]
     repro += ["--profile"] if args.profile else []
+    repro += ["--kernel", args.kernel] if args.kernel != "eager" else []
     print(f"\nreproduce: {reproduce_command(repro)}")
 
 

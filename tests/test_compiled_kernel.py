@@ -1,0 +1,124 @@
+"""The opt-in compiled kernel (``functional.set_kernel("compiled")``): float64-exact like the eager one, the same
+layer contract (outputs, grads, running statistics, memory format), and a clean fallback when it cannot compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bn_lightning as B
+from bn_lightning import functional as BF
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Switch to the compiled kernel and count its calls; restores the eager kernel and the failure flag after."""
+    calls = []
+    run = BF._run_compiled
+    monkeypatch.setattr(BF, "_run_compiled", lambda i, *a: calls.append(i) or run(i, *a))
+    monkeypatch.setattr(BF, "_compiled_broken", False)
+    BF.set_kernel("compiled")
+    yield calls
+    BF.set_kernel("eager")
+
+
+def _float64_reference(x, w, b, dy):
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    mean = x64.mean((0, 2, 3), keepdim=True)
+    var = ((x64 - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    y = (x64 - mean) / torch.sqrt(var + 1e-5) * w64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fmt,shift", [(None, 0.5), (torch.channels_last, 0.5), (None, 1e4)], ids=["nchw", "channels_last", "mean-1e4"]
+)
+def test_compiled_layer_matches_float64_math_and_torch(compiled, fmt, shift):
+    g = torch.Generator().manual_seed(0)
+    shape = (16, 6, 8, 8)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + shift).float()
+    dy = torch.randn(shape, generator=g) + 0.3  # a gradient with a mean of its own
+    if fmt is not None:
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    ref = nn.BatchNorm2d(6, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5, generator=g)
+        ref.bias.uniform_(-0.5, 0.5, generator=g)
+    ours = B.BatchNorm2d(6, momentum=0.3)
+    ours.load_state_dict(ref.state_dict())
+
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = ours(xo)
+    y.backward(dy)
+    ref(xr).backward(dy)
+    assert compiled == [0, 1]  # one compiled forward, one compiled backward
+    y64, dx64, dw64, db64 = _float64_reference(x, ref.weight, ref.bias, dy)
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=0)
+    torch.testing.assert_close(xo.grad.double(), dx64, atol=1e-5, rtol=0)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt) and xo.grad.is_contiguous(memory_format=fmt)
+    # gamma/beta grads are float32 sums of 1,024 products: within a few times torch's own error of float64
+    floor = 3e-6 * 1024**0.5
+    for ours_grad, torch_grad, exact in (
+        (ours.weight.grad, ref.weight.grad, dw64),
+        (ours.bias.grad, ref.bias.grad, db64),
+    ):
+        ours_err = (ours_grad.double() - exact).abs().max()
+        torch_err = (torch_grad.double() - exact).abs().max()
+        assert ours_err <= 4 * torch_err + floor, (ours_err, torch_err)
+    torch.testing.assert_close(ours.running_mean.double(), x.double().mean((0, 2, 3)) * 0.3, rtol=1e-6, atol=1e-6)
+    n = x.numel() // 6
+    unbiased = x.double().var((0, 2, 3), correction=0) * n / (n - 1)
+    torch.testing.assert_close(ours.running_var.double(), 0.7 + 0.3 * unbiased, rtol=1e-6, atol=1e-6)
+    assert ours.last_batch_stats.count == n
+
+
+def test_compiled_kernel_falls_back_to_eager_with_one_warning(compiled, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(BF, "_compiled_pair", (fail, fail))
+    layer, ref = B.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.warns(RuntimeWarning, match="compiled BN kernel is unavailable.*no C\\+\\+ compiler"):
+        y = layer(x)
+    torch.testing.assert_close(y, ref(x))
+    assert BF._compiled_broken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # no second warning: the eager kernel from now on
+
+
+def test_compiled_kernel_is_only_for_plain_local_float_training(compiled):
+    x = torch.randn(4, 3, 5, 5)
+    B.BatchNorm2d(3).eval()(x)  # eval: running statistics, one elementwise pass
+    B.BatchRenorm2d(3)(x)  # Batch Renorm
+    B.BatchNorm2d(3, dtype=torch.bfloat16)(x.bfloat16())  # half precision
+    assert compiled == []
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        B.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))  # the eager path's error, not a compile attempt
+    assert compiled == []
+
+
+def test_set_kernel_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown BN kernel 'fast'"):
+        BF.set_kernel("fast")
+    assert BF.get_kernel() == "eager"
+
+
+@pytest.mark.parametrize("value,expected", [("compiled", "compiled"), ("", "eager"), ("fast", "eager")])
+def test_kernel_from_the_environment(value, expected):
+    code = (
+        "import warnings; warnings.simplefilter('ignore'); import bn_lightning.functional as F; print(F.get_kernel())"
+    )
+    env = {**os.environ, "BN_LIGHTNING_KERNEL": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
