@@ -26,7 +26,9 @@ What this module provides:
   cumulative average; ``num_batches_tracked``);
 - :func:`batch_norm` / :func:`batch_norm_with_stats`: the full forward of a BN layer, differentiable through a
   :class:`torch.autograd.Function` with a hand-written backward, with an optional :class:`StatsReducer` that
-  synchronises statistics (one collective forward, one backward).
+  synchronises statistics (one collective forward, one backward);
+- :func:`set_kernel` / :func:`get_kernel`: run local training-mode BN through the default ``"eager"`` kernel (ATen
+  ops) or the opt-in ``"compiled"`` one (the same formulas fused by ``torch.compile``).
 
 Statistics are computed in float32 at least, also for float16/bfloat16 inputs (autocast); outputs keep the input's
 dtype, as ``torch.nn.BatchNorm2d`` does.
