@@ -49,8 +49,8 @@ def test_training_output_and_grads_stable_for_large_mean():
 def test_every_statistics_path_matches_float64_math(ratio, path, shape, monkeypatch):
     channel_sum = BF._channel_sum
     g = torch.Generator().manual_seed(7)
-    # the larger shape is cut into cache-sized blocks of the batch (10, 10 and 8 samples): see _blocks
-    assert len(BF._blocks(torch.empty(shape))) == (1 if shape[0] == 16 else 3)
+    # the larger shape is cut into cache-sized blocks of the batch (10, 10 and 8 samples): see _block_size
+    assert len(torch.empty(shape).split(BF._block_size(torch.empty(shape)))) == (1 if shape[0] == 16 else 3)
     # per channel exactly `ratio` standard deviations from zero, in float64 before rounding to float32
     z = torch.randn(shape, generator=g, dtype=torch.float64)
     z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), correction=0, keepdim=True)
