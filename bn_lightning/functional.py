@@ -189,6 +189,12 @@ _UNCENTERED_MAX_RATIO = 1.0  # mean^2 / var up to which E[x^2] - mean^2 is accur
 _OFFSET_SKIP_RATIO = 16.0  # mean^2 / var below this: the float64-combined mean needs no offset pass
 
 
+def _is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this code: then no path may depend on a value read back to the host."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def _row_length(t: Tensor) -> int:
     """Length of the rows a contiguous ``(N, C, *)`` tensor splits into within one ``(n, c)`` slice (0: no fast path).
 
@@ -291,7 +297,7 @@ def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, Tens
     dtype = compute_dtype(x.dtype)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
-    on_cpu = x.device.type == "cpu"
+    on_cpu = x.device.type == "cpu" and not _is_compiling()  # reading host values would break a torch.compile graph
     row = _row_length(x) if on_cpu and x.dtype == dtype else 0
     mean64: Tensor | None = None
     if row:
@@ -889,7 +895,7 @@ def _host_count(count: Count) -> Count:
     The arithmetic that follows then runs on scalars instead of a dozen tiny tensor ops; on accelerators the count
     stays on the device, so no synchronisation is added.
     """
-    if isinstance(count, Tensor) and count.numel() == 1 and count.device.type == "cpu":
+    if isinstance(count, Tensor) and count.numel() == 1 and count.device.type == "cpu" and not _is_compiling():
         value = count.item()
         return int(value) if float(value).is_integer() else value
     return count

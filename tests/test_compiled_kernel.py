@@ -122,3 +122,22 @@ def test_kernel_from_the_environment(value, expected):
     env = {**os.environ, "BN_LIGHTNING_KERNEL": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_layer_inside_a_torch_compiled_model_matches_torch(kernel, monkeypatch):
+    # under torch.compile the eager kernel takes no data-dependent branch (no host reads: see _is_compiling)
+    monkeypatch.setattr(BF, "_kernel", kernel)
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Conv2d(1, 4, 3), B.BatchNorm2d(4), nn.ReLU())
+    ref = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 1, 12, 12)
+    y = torch.compile(ours)(x)
+    y_ref = ref(x)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
