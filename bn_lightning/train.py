@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bn_lightning.config import BatchNormPolicy  # also registers the `bn/base_policy` schema
+from bn_lightning.functional import set_kernel
 
 __all__ = ["instantiate_callbacks", "instantiate_loggers", "train", "train_and_report"]
 
@@ -122,7 +123,8 @@ def _finish_wandb(loggers: list[Logger]) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate everything ``cfg`` describes and fit; the whole training run, without the command line.
 
-    Steps: seed (if ``cfg.seed`` is set), then instantiate ``cfg.data`` (the datamodule), ``cfg.model`` (the network),
+    Steps: choose the BN kernel (``cfg.bn_kernel``, see :func:`bn_lightning.functional.set_kernel`), seed (if
+    ``cfg.seed`` is set), then instantiate ``cfg.data`` (the datamodule), ``cfg.model`` (the network),
     ``cfg.module`` (the LightningModule, given the network as ``net`` and ``cfg.bn`` as ``bn_policy``: it converts
     the BN layers and adds the policy's callbacks), ``cfg.callbacks`` and ``cfg.logger`` (mappings of name -> config;
     ``None`` entries are skipped) and ``cfg.trainer``; log the resolved config to the loggers and call
@@ -139,6 +141,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     # the module validates the policy again; checking it first makes a bad `bn` fail before anything is built
     bn_policy = BatchNormPolicy.from_config(cfg.get("bn"))
+    if cfg.get("bn_kernel") is not None:
+        set_kernel(cfg.bn_kernel)  # "eager" or "compiled"; anything else raises before anything is built
 
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)

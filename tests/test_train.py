@@ -198,3 +198,14 @@ def test_cli_ddp_two_cpu_processes(tmp_path: Path, bn: str) -> None:
     assert proc.stdout.count("Final val/acc:") == 1  # printed by rank 0 only
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_sets_the_bn_kernel_and_refuses_an_unknown_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bn_lightning import functional as BF
+
+    monkeypatch.setattr(BF, "_kernel", "eager")  # restored after the test: the kernel is process-wide
+    with pytest.raises(ValueError, match="unknown BN kernel 'fast'"):
+        train(shrunk_config(tmp_path, "bn_kernel=fast"))
+    assert not (tmp_path / "checkpoints").exists()
+    metrics, _ = train(shrunk_config(tmp_path, "bn=scratch", "model=mlp", "bn_kernel=compiled"))
+    assert BF.get_kernel() == "compiled" and metrics["train/loss"] > 0
