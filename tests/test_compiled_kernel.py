@@ -97,11 +97,11 @@ def test_compiled_kernel_falls_back_to_eager_with_one_warning(compiled, monkeypa
         layer(x)  # no second warning: the eager kernel from now on
 
 
-def test_compiled_kernel_is_only_for_plain_local_float_training(compiled):
+def test_compiled_kernel_is_only_for_plain_local_float_bn(compiled):
     x = torch.randn(4, 3, 5, 5)
-    B.BatchNorm2d(3).eval()(x)  # eval: running statistics, one elementwise pass
     B.BatchRenorm2d(3)(x)  # Batch Renorm
     B.BatchNorm2d(3, dtype=torch.bfloat16)(x.bfloat16())  # half precision
+    B.BatchNorm2d(3, dtype=torch.bfloat16).eval()(x.bfloat16())
     assert compiled == []
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         B.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))  # the eager path's error, not a compile attempt
@@ -141,3 +141,28 @@ def test_layer_inside_a_torch_compiled_model_matches_torch(kernel, monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "channels_last"])
+def test_compiled_eval_matches_torch_and_keeps_the_layout(compiled, fmt):
+    g = torch.Generator().manual_seed(1)
+    ref = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        for t in (ref.weight, ref.bias, ref.running_mean):
+            t.uniform_(-1.0, 1.0, generator=g)
+        ref.running_var.uniform_(0.5, 2.0, generator=g)
+    ours = B.BatchNorm2d(6)
+    ours.load_state_dict(ref.state_dict())
+    ours.eval(), ref.eval()
+    x = torch.randn(8, 6, 7, 7, generator=g)
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = ours(xo)
+    y.sum().backward()  # eval backward stays hand-written (fine-tuning with frozen statistics)
+    ref(xr).sum().backward()
+    assert compiled == [2]
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xo.grad, xr.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    assert fmt is None or y.is_contiguous(memory_format=fmt)
