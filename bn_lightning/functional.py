@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -245,6 +245,13 @@ def _block_size(t: Tensor) -> int:
     return max(1, _BLOCK_BYTES // per_sample)
 
 
+def _split(step: int, *tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
+    """Matching blocks of ``step`` along dim 0 of each tensor; the tensors themselves when one block covers them."""
+    if step >= tensors[0].shape[0]:
+        return (tensors,)
+    return zip(*(t.split(step) for t in tensors), strict=True)
+
+
 def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(x)`` and ``sum(x^2)``, in float64, of an NCHW-contiguous ``x`` cut into rows of ``row`` values.
 
@@ -258,7 +265,7 @@ def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
     ones = x.new_ones(row)
     sums, norms = x.new_empty(rows.shape[0]), x.new_empty(rows.shape[0])
     k = _block_size(x) * per_sample
-    for block, block_sums, block_norms in zip(rows.split(k), sums.split(k), norms.split(k), strict=True):
+    for block, block_sums, block_norms in _split(k, rows, sums, norms):
         torch.mv(block, ones, out=block_sums)
         torch.linalg.vector_norm(block, dim=1, out=block_norms)
     f64 = torch.float64
@@ -416,7 +423,7 @@ def _affine(
     step = _block_size(x) if x.dtype == scale.dtype and shift_v is not None else x.shape[0]
     if step < x.shape[0]:  # multiply and add block by block: the add finds the block in cache
         y = torch.empty_like(x) if out is None else out
-        for x_block, y_block in zip(x.split(step), y.split(step), strict=True):
+        for x_block, y_block in _split(step, x, y):
             torch.mul(x_block, scale_v, out=y_block).add_(shift_v)
     else:
         y = x * scale_v if out is None else torch.mul(x, scale_v, out=out)
@@ -495,8 +502,7 @@ def _grad_reductions(
         k = step * c
         buf = dy.new_empty(k, rows_dy.shape[1])
         shift = None if offset is None else offset.repeat(step).unsqueeze(1)
-        blocks = zip(rows_dy.split(k), rows_x.split(k), part_dy.split(k), part_dy_xc.split(k), strict=True)
-        for block_dy, block_x, out_dy, out_dy_xc in blocks:
+        for block_dy, block_x, out_dy, out_dy_xc in _split(k, rows_dy, rows_x, part_dy, part_dy_xc):
             tmp = buf if block_dy.shape[0] == k else buf[: block_dy.shape[0]]
             torch.mv(block_dy, ones, out=out_dy)
             if shift is None:
@@ -556,7 +562,7 @@ def grad_input(
     dx = _buffer_like(centered, out)
     a_v, b_v, d_v = (_channel_view(t, centered) for t in (a, b, d))
     step = _block_size(centered)  # all three ops on one cached block at a time
-    for dy_block, x_block, dx_block in zip(grad_out.split(step), centered.split(step), dx.split(step), strict=True):
+    for dy_block, x_block, dx_block in _split(step, grad_out, centered, dx):
         torch.mul(dy_block, a_v, out=dx_block).addcmul_(x_block, b_v).add_(d_v)
     return dx if dx.dtype == dtype else dx.to(dtype)
 
@@ -609,7 +615,7 @@ def _finish_grad_input(
     _, b, d = _input_grad_coefficients(invstd, weight, sum_dy, sum_dy_xhat, count, offset)
     b_v, d_v = _channel_view(b, centered), _channel_view(d, centered)
     step = _block_size(centered)
-    for dx_block, x_block in zip(dx.split(step), centered.split(step), strict=True):
+    for dx_block, x_block in _split(step, dx, centered):
         dx_block.addcmul_(x_block, b_v).add_(d_v)
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)
 
