@@ -30,15 +30,6 @@ RUNNING_MEAN = [0.3, -0.5, 1.0, 0.0]
 RUNNING_VAR = [0.5, 2.0, 1.0, 4.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronisation, and stall badly on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batches(n: int = 2, size: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n * size, 3, 6, 6, generator=g) + torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)

@@ -80,15 +80,6 @@ def _loader(n: int = 32, batch_size: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randint(0, 5, (n,), generator=g)), batch_size=batch_size)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add spin-waiting (and run-to-run variance) on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(callbacks, **kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu",

@@ -74,15 +74,6 @@ class _RecordingLogger(Logger):
         pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add spin-waiting (and run-to-run variance) on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(**kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu",

@@ -26,15 +26,6 @@ GAMMA = [0.5, -2.0, 1e-4, 1.5]
 BETA = [0.1, -0.2, 0.3, 0.4]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronisation, and stall badly on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fixed_batch(n: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
