@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from bn_lightning.callbacks.freeze import BatchNormFreeze
-from tests.helpers.tiny import TinyBNNet
+from tests.helpers.tiny import TinyBNNet, quiet_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
@@ -81,17 +81,7 @@ def _loader(n: int = 32, batch_size: int = 8) -> DataLoader:
 
 
 def _trainer(callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        max_epochs=1,
-    )
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+    return quiet_trainer(callbacks=callbacks, **{"max_epochs": 1, **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------- freezing

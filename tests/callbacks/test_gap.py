@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bn_lightning.callbacks.gap import BatchNormGap
 from bn_lightning.layers import BatchNorm1d as ScratchBatchNorm1d
+from tests.helpers.tiny import quiet_trainer
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,19 +75,6 @@ class _RecordingLogger(Logger):
         pass
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 def _recompute_running_stats(net: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
     """Exact population statistics: cumulative averages (momentum None) over the training set, in training mode."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
@@ -140,7 +128,7 @@ def test_gap_is_large_with_noisy_running_stats_and_small_after_recomputing_them(
     model = _Classifier(_mlp(momentum=0.9))
     gap = BatchNormGap(num_batches=2)
     # validate 4 times per epoch: each measurement sees running statistics left by a different pair of samples
-    trainer = _trainer(max_epochs=3, callbacks=[gap], val_check_interval=16, limit_val_batches=1)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[gap], val_check_interval=16, limit_val_batches=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(
@@ -323,7 +311,7 @@ def test_logs_at_validation_end_to_the_loggers_and_not_during_the_sanity_check()
     torch.manual_seed(0)
     logger = _RecordingLogger()
     gap = BatchNormGap(num_batches=2, prefix="norm")
-    trainer = _trainer(max_epochs=2, callbacks=[gap], logger=logger, num_sanity_val_steps=2, log_every_n_steps=1)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[gap], logger=logger, num_sanity_val_steps=2, log_every_n_steps=1)
     trainer.fit(_Classifier(_mlp(width=8, depth=1)), *_loaders())
     assert [step for step, _ in gap.history] == [4, 8]  # two validations after training; none in the sanity check
     logged = [(step, m) for step, m in logger.records if any(k.startswith("norm/gap/") for k in m)]
@@ -343,7 +331,7 @@ def test_evaluates_num_batches_of_the_first_val_dataloader_and_restores_the_mode
     other = DataLoader(TensorDataset(*_data(4, 12)), batch_size=4)
     gap = BatchNormGap(num_batches=3)
     state = _bn_state(model)
-    trainer = _trainer(callbacks=[gap], limit_val_batches=1)
+    trainer = quiet_trainer(callbacks=[gap], limit_val_batches=1)
     trainer.validate(model, [val, other], verbose=False)
     # 1 validation_step per dataloader (limit_val_batches=1), then 3 batches x 2 passes of the FIRST dataloader
     assert calls == [16, 4] + [16] * 6
@@ -359,7 +347,7 @@ def test_warns_and_logs_nothing_without_batchnorm():
             super().__init__(nn.Sequential(nn.Linear(6, 3)))
 
     gap = BatchNormGap()
-    trainer = _trainer(callbacks=[gap])
+    trainer = quiet_trainer(callbacks=[gap])
     with pytest.warns(UserWarning, match="no BatchNorm layer"):
         trainer.validate(_NoBN(), _loaders()[1], verbose=False)
     assert gap.last == {} and gap.history == []

@@ -1,7 +1,10 @@
-"""A tiny BN network whose BN classes are chosen by the test."""
+"""A tiny BN network whose BN classes are chosen by the test, and a quiet CPU Trainer for tiny fits."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -27,3 +30,17 @@ class TinyBNNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A one-device CPU Trainer with no logger, progress bar, summary, checkpoints or sanity check; ``kwargs`` win."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
