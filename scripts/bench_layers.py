@@ -15,6 +15,7 @@ native, so a broken implementation cannot post a fast number.
     python scripts/bench_layers.py --threads 1 --rounds 50 --formats nchw
     python scripts/bench_layers.py --profile             # also: top aten ops of ours, per workload
     python scripts/bench_layers.py --kernel compiled     # ours through torch.compile (set_kernel("compiled"))
+    python scripts/bench_layers.py --candidates ours native  # a plain A/B, without the naive candidate
 """
 
 from __future__ import annotations
@@ -170,7 +171,12 @@ def profile_ours(layer: nn.Module, x: Tensor, g: Tensor, iters: int, top: int) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 64, 32, 32], metavar=("N", "C", "H", "W"))
-    parser.add_argument("--rounds", type=int, default=50, help="timed interleaved rounds per workload")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=48,
+        help="timed interleaved rounds per workload (a multiple of 6 runs each order of three candidates alike)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds before each workload")
     add_threads_option(parser)
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
@@ -184,8 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="eager",
         help="bn_lightning.functional.set_kernel for ours (compiling happens in the untimed agreement check)",
     )
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        choices=list(CANDIDATES),
+        default=list(CANDIDATES),
+        help="which to time (native always runs: every ratio divides by it); e.g. `ours native` for a plain A/B",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile ours with torch.profiler")
     args = parser.parse_args(argv)
+    args.candidates = [name for name in CANDIDATES if name in args.candidates or name == "native"]
     if args.rounds < 1 or args.warmup < 0:
         parser.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
     apply_threads_option(parser, args)
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(environment_lines()))
     print(f"shape (N, C, H, W): {shape}, formats: {' '.join(args.formats)}, rounds {args.rounds}, warmup {args.warmup}")
     print(f"ours runs the {args.kernel} kernel (bn_lightning.functional.set_kernel)")
+    print(f"candidates: {', '.join(args.candidates)}, each round in another order (every order equally often)")
     print("time: median ms per call; ratio: median over rounds of candidate/native, [q1, q3] of those ratios;")
     print("others' CPU: share of all cores other processes used while that workload was timed (want ~0%)")
 
@@ -215,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         header, *rows = check_agreement(layers, x, g, args.tol)
         print_table(header, rows, floatfmt=".1e")
         layers = make_layers(shape[1], args.seed)  # fresh: the check updated the running statistics
+        layers = {name: layer for name, layer in layers.items() if name in args.candidates}
 
         rows = []
         for mode in MODES:
@@ -228,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                 times = interleaved(fns, repeats=args.rounds, warmup=args.warmup)
             others = load.get("others", float("nan"))
             worst_contention = max(worst_contention, others)
-            for name in CANDIDATES:
+            for name in args.candidates:
                 ratio = median_ratio(times[name], times["native"])
                 q1, q3 = ratio_quartiles(times[name], times["native"])
                 row = [mode, name, 1e3 * median(times[name]), f"{ratio:.2f}x", f"[{q1:.2f}, {q3:.2f}]"]
@@ -263,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nafter the run: {load_line()}")
     repro = ["--shape", *map(str, shape), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
     repro += ["--threads", str(torch.get_num_threads()), "--formats", *args.formats, "--seed", str(args.seed)]
+    repro += ["--candidates", *args.candidates] if args.candidates != list(CANDIDATES) else []
     repro += ["--profile"] if args.profile else []
     repro += ["--kernel", args.kernel] if args.kernel != "eager" else []
     print(f"\nreproduce: {reproduce_command(repro)}")

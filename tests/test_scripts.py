@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,34 @@ def test_benchmark_thread_option_is_validated():
         check=False,
     )
     assert out.returncode == 2 and "--threads must be >= 1, got 0" in out.stderr
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7])
+def test_round_orders_balance_positions_and_predecessors(k):
+    bench = _load("_bench")
+    names = [f"c{i}" for i in range(k)]
+    rounds = 2 if k == 2 else 700 if k > 5 else len(list(itertools.permutations(names)))
+    orders = bench.round_orders(names, rounds)
+    assert len(orders) == rounds and all(sorted(order) == names for order in orders)
+    positions = Counter((name, i) for order in orders for i, name in enumerate(order))
+    sequence = [name for order in orders for name in order]
+    sequence.append(sequence[0])  # the cycle repeats: its first round follows its last
+    pairs = Counter(zip(sequence, sequence[1:], strict=False))
+    if k > 5:  # seeded shuffles: close to balanced
+        assert min(positions.values()) > 0.7 * rounds / k
+        return
+    assert set(positions.values()) == {rounds // k}  # every candidate equally often in every position
+    others = {pairs[(a, b)] for a in names for b in names if a != b}
+    assert len(others) == 1 and others != {0}  # ...and right after every other candidate equally often
+    if k > 2:
+        assert all(pairs[(a, a)] == 0 for a in names)
+
+
+def test_interleaved_times_every_candidate_once_per_round_with_varied_neighbours():
+    bench = _load("_bench")
+    calls = []
+    times = bench.interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, repeats=6, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == {"a": 6, "b": 6, "c": 6}
+    timed = calls[3:]
+    predecessors = {(timed[i - 1], timed[i]) for i in range(1, len(timed))}
+    assert {("b", "a"), ("c", "a")} <= predecessors  # a rotation would only ever run "a" after "c"
