@@ -16,8 +16,9 @@ the ratios isolate what the callbacks (or wandb) add, their own ``logger.log_met
 the issue): ``callbacks@50 / baseline <= 1.02`` and ``callbacks@1 / baseline <= 1.10``; wandb has no target.
 
 How the runs are interleaved: by fits. After an untimed warm-up fit of every candidate, each of ``--rounds`` rounds
-runs one ``fit`` per candidate, in an order rotated from round to round (as ``_bench.interleaved`` rotates). Every
-fit uses a FRESH Trainer (fresh loops and optimizer state) but the candidate's SAME model, loader, logger and callback
+runs one ``fit`` per candidate, in an order that varies from round to round (``_bench.round_orders``: each
+candidate equally often in every position and right after every other candidate). Every fit uses a FRESH Trainer
+(fresh loops and optimizer state) but the candidate's SAME model, loader, logger and callback
 objects, so the callbacks' counter ``batches_seen`` and wandb's hook counters run on across fits as in one long run.
 A fit runs ``--discard + --steps + 1`` steps. A timing callback, first in every Trainer, stamps ``perf_counter`` at
 every ``on_train_batch_start``; a step's time is the gap to the next stamp: data fetch, forward, forward hooks,
@@ -80,6 +81,7 @@ from _bench import (
     print_table,
     ratio_quartiles,
     reproduce_command,
+    round_orders,
 )
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -259,14 +261,13 @@ def run_fit(candidate: Candidate, steps: int) -> list[float]:
 
 def run_rounds(candidates: dict[str, Candidate], args: argparse.Namespace) -> list[float]:
     """The timed rounds (see the module docstring); fills the candidates' results, returns others' CPU per round."""
-    names = list(candidates)
-    k = len(names)
+    orders = round_orders(list(candidates), args.rounds)
     fit_steps = args.discard + args.steps + 1
     others_per_round = []
     for r in range(args.rounds):
         child0, wall0 = descendant_cpu_seconds(), time.perf_counter()
         with cpu_contention() as load:
-            for name in names[r % k :] + names[: r % k]:
+            for name in orders[r]:
                 cand = candidates[name]
                 before = descendant_cpu_seconds()
                 run_fit(cand, fit_steps)
