@@ -737,8 +737,8 @@ def set_kernel(name: str) -> None:
 
     ``"eager"`` composes ATen ops (this module's functions). ``"compiled"`` runs the SAME formulas — two-pass
     statistics with the exact offset, the closed-form backward — through ``torch.compile``, which fuses each into
-    a few loops over the data (on CPU ~0.7x torch's native BN fwd+bwd at (64, 64, 32, 32), against ~1.35x eager;
-    ``scripts/bench_layers.py --kernel compiled``). The first call per input shape compiles (~15 s on 2 cores; a
+    a few loops over the data (on CPU ~1.0x torch's native BN fwd+bwd at (64, 64, 32, 32), forward alone ~0.7x,
+    against ~1.15x eager; ``scripts/bench_layers.py --kernel compiled``). The first call per input shape compiles (~15 s on 2 cores; a
     C++ compiler is needed on CPU); if compiling fails, a warning is given once and the eager kernel is used.
     Applies to float32/float64 inputs of plain local BN in training and to the eval-mode transform; SyncBatchNorm's
     and Batch Renorm's training and autocast half-precision inputs always run eager. Also settable with
