@@ -272,11 +272,12 @@ def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
     return sums.view(n, c, -1).sum((0, 2), dtype=f64), norms.square_().view(n, c, -1).sum((0, 2), dtype=f64)
 
 
-def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, Tensor, Tensor | None]:
+def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, int, Tensor, Tensor | None]:
     """Per-channel statistics and a centred input: ``(center, offset, var, count, x - center, scratch)``.
 
-    Everything is in the compute dtype. The mean is ``center + offset`` (``offset`` ``None`` means zero) and the
-    backward works on ``x - center``: :func:`grad_reductions` and :func:`grad_input` take exactly this pair.
+    Everything is in the compute dtype. The mean is ``center + offset`` (``None`` means zero for either; the
+    uncentred way returns ``center = None``: the mean is ``offset`` and ``x - center`` is ``x``) and the backward
+    works on ``x - center``: :func:`grad_reductions` and :func:`grad_input` take exactly this pair.
 
     Two ways, chosen per call:
 
@@ -310,9 +311,10 @@ def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, Tens
     if row:
         sums, sumsq = _sums_and_sumsq(x, row)
         mean64 = sums / denom
-        var64 = (sumsq / denom).sub_(mean64.square()).clamp_(min=0)
-        if bool((mean64.square() <= _UNCENTERED_MAX_RATIO * var64).all()):
-            return torch.zeros_like(mean64, dtype=dtype), mean64.to(dtype), var64.to(dtype), count, x, None
+        mean_sq = mean64 * mean64
+        var64 = (sumsq / denom).sub_(mean_sq).clamp_(min=0)
+        if bool((mean_sq <= var64).all()):  # _UNCENTERED_MAX_RATIO = 1
+            return None, mean64.to(dtype), var64.to(dtype), count, x, None
         center = mean64.to(dtype)
     else:
         center = _channel_sum(x, dtype).div_(denom)
@@ -326,6 +328,15 @@ def _centered_stats(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, Tens
         offset = _channel_sum(centered).div_(denom)
     var = var.sub_(offset.square()).clamp_(min=0)
     return center, offset, var, count, centered, scratch
+
+
+def _add_parts(center: Tensor | None, offset: Tensor | None) -> Tensor:
+    """``center + offset`` where ``None`` is zero (at least one is given)."""
+    if center is None or offset is None:
+        out = offset if center is None else center
+        assert out is not None
+        return out
+    return center + offset
 
 
 def batch_stats(x: Tensor) -> BatchStats:
@@ -346,7 +357,7 @@ def batch_stats(x: Tensor) -> BatchStats:
     """
     with torch.no_grad():
         center, offset, var, count, _, _ = _centered_stats(x)
-    return BatchStats(center if offset is None else center + offset, var, count)
+    return BatchStats(_add_parts(center, offset), var, count)
 
 
 def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
@@ -403,7 +414,7 @@ def _scale_shift(
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     shift = None if bias is None else bias.to(invstd.dtype)
     if mean is not None:
-        shift = -mean * scale if shift is None else shift - mean * scale
+        shift = -mean * scale if shift is None else torch.addcmul(shift, mean, scale, value=-1)
     return scale, shift
 
 
@@ -579,12 +590,15 @@ def _input_grad_coefficients(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(a, b, d)`` with ``dx = dy * a + (x - c) * b + d`` (see :func:`grad_input`)."""
     count = _host_count(count)
-    n = count.to(invstd.dtype).clamp(min=1) if isinstance(count, Tensor) else float(max(count, 1))
     a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    b = -a * invstd * (sum_dy_xhat / n)
-    d = -a * (sum_dy / n)
+    if isinstance(count, Tensor):
+        minus_inv_n: float | Tensor = -count.to(invstd.dtype).clamp(min=1).reciprocal()
+    else:
+        minus_inv_n = -1.0 / max(count, 1)
+    b = (sum_dy_xhat * minus_inv_n).mul_(invstd).mul_(a)
+    d = (sum_dy * minus_inv_n).mul_(a)
     if offset is not None:
-        d = d - offset * b
+        d.addcmul_(offset, b, value=-1)
     return a, b, d
 
 
@@ -627,13 +641,15 @@ class _BatchNormTrainFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, reducer, renorm):  # type: ignore[override]
         center, offset, var, count, centered, scratch = _centered_stats(x)
         if reducer is None:
-            mean = center if offset is None else center + offset
+            mean = _add_parts(center, offset)
         else:
             # peers exchange float64 means: a float32 mean is quantised at |mean| * 6e-8
-            local64 = center.double() if offset is None else center.double() + offset.double()
+            local64 = _add_parts(
+                None if center is None else center.double(), None if offset is None else offset.double()
+            )
             mean64, var, count = reducer.reduce_stats(local64, var, count)
-            offset = (mean64 - center.double()).to(center.dtype)
-            mean = mean64.to(center.dtype)
+            offset = (mean64 if center is None else mean64 - center.double()).to(var.dtype)
+            mean = mean64.to(var.dtype)
         invstd = torch.rsqrt(var + eps)
         r = d = None
         weight_eff, bias_eff = weight, bias
@@ -652,6 +668,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
         ctx.reducer = reducer
         ctx.in_dtype = x.dtype
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors for them in backward
         return y, mean, var, count
 
     @staticmethod
@@ -659,6 +676,8 @@ class _BatchNormTrainFn(torch.autograd.Function):
     def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
         centered, invstd, weight, weight_eff, offset, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_out is None:  # not materialised: the output took no part in what was differentiated
+            grad_out = torch.zeros_like(centered, dtype=ctx.in_dtype)
         sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
         # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
         grad_w = None
@@ -737,9 +756,10 @@ def set_kernel(name: str) -> None:
 
     ``"eager"`` composes ATen ops (this module's functions). ``"compiled"`` runs the SAME formulas — two-pass
     statistics with the exact offset, the closed-form backward — through ``torch.compile``, which fuses each into
-    a few loops over the data (on CPU ~1.0x torch's native BN fwd+bwd at (64, 64, 32, 32), forward alone ~0.7x,
-    against ~1.15x eager; ``scripts/bench_layers.py --kernel compiled``). The first call per input shape compiles (~15 s on 2 cores; a
-    C++ compiler is needed on CPU); if compiling fails, a warning is given once and the eager kernel is used.
+    a few loops over the data (on CPU ~0.8-1.0x torch's native BN fwd+bwd at (64, 64, 32, 32), forward alone
+    ~0.7x, against ~1.15x eager; ``scripts/bench_layers.py --kernel compiled``). The first call per input shape
+    compiles (~15 s on 2 cores; a C++ compiler is needed on CPU); if compiling fails, a warning is given once and the
+    eager kernel is used.
     Applies to float32/float64 inputs of plain local BN in training and to the eval-mode transform; SyncBatchNorm's
     and Batch Renorm's training and autocast half-precision inputs always run eager. Also settable with
     ``BN_LIGHTNING_KERNEL=compiled``.
@@ -962,13 +982,19 @@ def update_running_stats(
         else:
             if count == 0:
                 return
-            unbiased = stats.var * (count / max(count - 1, 1))
+            bessel = count / max(count - 1, 1)
             keep = None
+            if not isinstance(factor, Tensor):  # the common case: two in-place ops per buffer, no temporaries
+                for buf, value, alpha in (
+                    (running_mean, stats.mean, factor),
+                    (running_var, stats.var, factor * bessel),
+                ):
+                    if buf is not None:
+                        buf.mul_(1 - factor).add_(value.to(buf.dtype), alpha=alpha)
+                return
+            unbiased = stats.var * bessel
         for buf, value in ((running_mean, stats.mean), (running_var, unbiased)):
             if buf is None:
-                continue
-            if keep is None and not isinstance(factor, Tensor):
-                buf.mul_(1 - factor).add_(value.to(buf.dtype), alpha=factor)
                 continue
             f = factor.to(buf.dtype) if isinstance(factor, Tensor) else factor
             new = buf * (1 - f) + value.to(buf.dtype) * f
