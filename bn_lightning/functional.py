@@ -648,8 +648,8 @@ class _BatchNormTrainFn(torch.autograd.Function):
                 None if center is None else center.double(), None if offset is None else offset.double()
             )
             mean64, var, count = reducer.reduce_stats(local64, var, count)
-            offset = (mean64 if center is None else mean64 - center.double()).to(var.dtype)
             mean = mean64.to(var.dtype)
+            offset = mean if center is None else (mean64 - center.double()).to(var.dtype)
         invstd = torch.rsqrt(var + eps)
         r = d = None
         weight_eff, bias_eff = weight, bias
