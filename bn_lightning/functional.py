@@ -272,6 +272,46 @@ def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
     return sums.view(n, c, -1).sum((0, 2), dtype=f64), norms.square_().view(n, c, -1).sum((0, 2), dtype=f64)
 
 
+_MIN_CL_CHANNELS = 8  # channels-last inputs with fewer channels take the generic path (gemv over very thin rows)
+
+
+def _channels_last_block_rows(t: Tensor) -> int:
+    """Rows per block for :func:`_sums_and_sumsq_channels_last` (0: ``t`` is not a channels-last float tensor).
+
+    A channels-last ``(N, C, *)`` tensor is a row-major ``(N * prod(*), C)`` matrix: one row of ``C`` values per
+    position. Blocks hold at most :data:`_MAX_ROW` rows (the float32 per-block column sums then stay within ~6e-7
+    relative) and about :data:`_BLOCK_BYTES`, so that squaring a block and summing the squares find it in cache.
+    """
+    if t.dim() < 3 or t.dtype not in (torch.float32, torch.float64) or t.numel() == 0 or t.is_contiguous():
+        return 0
+    c = t.shape[1]
+    if c < _MIN_CL_CHANNELS or not t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+        return 0
+    return max(1, min(_MAX_ROW, _BLOCK_BYTES // (c * t.element_size())))
+
+
+def _sums_and_sumsq_channels_last(x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(x)`` and ``sum(x^2)``, in float64, of a channels-last ``x``, in blocks of ``step`` rows.
+
+    Per block: its squares into a block-sized buffer (reading the block into cache), then column sums of the cached
+    block and of the squares: ``x`` is read from memory once. Column sums are ATen's cascade reductions (relative
+    error ~1.5e-7 over 4096 rows, against ~9e-7 for a BLAS gemv, which made the variance miss 2e-6 relative).
+    Block partials are combined in float64.
+    """
+    c = x.shape[1]
+    mat = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)  # a view: x is channels-last contiguous
+    blocks = mat.split(step) if step < mat.shape[0] else (mat,)
+    sums, sumsq = x.new_empty(len(blocks), c), x.new_empty(len(blocks), c)
+    buf = torch.empty_like(blocks[0])
+    for i, block in enumerate(blocks):
+        squares = buf if block.shape[0] == buf.shape[0] else buf[: block.shape[0]]
+        torch.mul(block, block, out=squares)
+        torch.sum(block, 0, out=sums[i])
+        torch.sum(squares, 0, out=sumsq[i])
+    f64 = torch.float64
+    return sums.sum(0, dtype=f64), sumsq.sum(0, dtype=f64)
+
+
 def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, int, Tensor, Tensor | None]:
     """Per-channel statistics and a centred input: ``(center, offset, var, count, x - center, scratch)``.
 
@@ -307,9 +347,10 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
     denom = max(count, 1)  # an empty batch yields zeros, not NaN; callers skip its running-stat update
     on_cpu = x.device.type == "cpu" and not _is_compiling()  # reading host values would break a torch.compile graph
     row = _row_length(x) if on_cpu and x.dtype == dtype else 0
+    cl_step = _channels_last_block_rows(x) if on_cpu and x.dtype == dtype and not row else 0
     mean64: Tensor | None = None
-    if row:
-        sums, sumsq = _sums_and_sumsq(x, row)
+    if row or cl_step:
+        sums, sumsq = _sums_and_sumsq(x, row) if row else _sums_and_sumsq_channels_last(x, cl_step)
         mean64 = sums / denom
         mean_sq = mean64 * mean64
         var64 = (sumsq / denom).sub_(mean_sq).clamp_(min=0)
@@ -319,6 +360,11 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
     else:
         center = _channel_sum(x, dtype).div_(denom)
     centered = x - _channel_view(center, x)  # type promotion gives the compute dtype without copying x first
+    if cl_step:  # one blocked pass gives the offset and the centred sum of squares, both summed accurately
+        sums, sumsq = _sums_and_sumsq_channels_last(centered, cl_step)
+        offset64 = sums / denom
+        var = (sumsq / denom).sub_(offset64.square()).clamp_(min=0).to(dtype)
+        return center, offset64.to(dtype), var, count, centered, None
     sumsq, scratch = _channel_sumsq(centered)
     var = sumsq.div_(denom)
     if mean64 is not None and bool((center.square() < _OFFSET_SKIP_RATIO * var).all()):

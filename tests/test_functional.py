@@ -45,25 +45,38 @@ def test_training_output_and_grads_stable_for_large_mean():
     "ratio,path", [(0.0, "uncentred"), (0.9, "uncentred"), (1.1, "centred"), (3.9, "centred"), (4.1, "offset"),
                    (50.0, "offset"), (1e4, "offset")]
 )  # fmt: skip
-@pytest.mark.parametrize("shape", [(16, 5, 16, 16), (28, 5, 64, 80)], ids=["one-block", "blocked"])
-def test_every_statistics_path_matches_float64_math(ratio, path, shape, monkeypatch):
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((16, 5, 16, 16), "nchw"), ((28, 5, 64, 80), "nchw"), ((16, 9, 16, 16), "channels_last"),
+     ((28, 9, 40, 40), "channels_last")],
+    ids=["one-block", "blocked", "channels-last-one-block", "channels-last-blocked"],
+)  # fmt: skip
+def test_every_statistics_path_matches_float64_math(ratio, path, shape, layout, monkeypatch):
     channel_sum = BF._channel_sum
     g = torch.Generator().manual_seed(7)
-    # the larger shape is cut into cache-sized blocks of the batch (10, 10 and 8 samples): see _block_size
-    assert len(torch.empty(shape).split(BF._block_size(torch.empty(shape)))) == (1 if shape[0] == 16 else 3)
+    c = shape[1]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    if layout == "nchw":  # the larger shape is cut into cache-sized blocks of the batch (10, 10 and 8 samples)
+        assert len(torch.empty(shape).split(BF._block_size(torch.empty(shape)))) == (1 if shape[0] == 16 else 3)
+    else:  # channels-last: (N*H*W, C) rows, cut into blocks of <= 4096 rows (1 block, or 11)
+        step = BF._channels_last_block_rows(torch.empty(shape).contiguous(memory_format=fmt))
+        assert -(-shape[0] * shape[2] * shape[3] // step) == (1 if shape[0] == 16 else 11)
     # per channel exactly `ratio` standard deviations from zero, in float64 before rounding to float32
     z = torch.randn(shape, generator=g, dtype=torch.float64)
     z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), correction=0, keepdim=True)
-    x = (z + ratio * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64).view(1, -1, 1, 1)).float()
-    dy = torch.randn(shape, generator=g) + 0.5  # a gradient with a mean of its own: no cancellation allowed
-    w = torch.rand(5, generator=g) + 0.5
-    b = torch.randn(5, generator=g)
+    signs = torch.tensor([(-1.0) ** i for i in range(c)], dtype=torch.float64).view(1, -1, 1, 1)
+    x = (z + ratio * signs).float().contiguous(memory_format=fmt)
+    dy = (torch.randn(shape, generator=g) + 0.5).contiguous(memory_format=fmt)  # a mean of its own: no cancelling
+    w = torch.rand(c, generator=g) + 0.5
+    b = torch.randn(c, generator=g)
 
-    calls = []  # on this layout _channel_sum runs only for the offset pass
+    calls = []  # on the NCHW layout _channel_sum runs only for the offset pass
     monkeypatch.setattr(BF, "_channel_sum", lambda *a, **k: calls.append(1) or channel_sum(*a, **k))
     centered = BF._centered_stats(x)[4]
     monkeypatch.undo()
     taken = "uncentred" if centered is x else ("offset" if calls else "centred")
+    if layout == "channels_last":  # its centred path also sums squares with _channel_sum: only "uncentred" tells
+        taken, path = taken == "uncentred", path == "uncentred"
     assert taken == path
 
     xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
