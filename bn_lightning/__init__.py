@@ -20,6 +20,7 @@ from bn_lightning.layers import (
     GhostBatchNorm2d,
     SyncBatchNorm,
     get_batchnorm_class,
+    set_gloo_event_loop_policy,
 )
 from bn_lightning.module import BatchNormModule, ClassificationModule
 
@@ -50,4 +51,5 @@ __all__ = [
     "get_batchnorm_class",
     "recalibrate_bn",
     "revert_sync_batchnorm",
+    "set_gloo_event_loop_policy",
 ]

@@ -46,7 +46,21 @@ each sync step unpinned, 25-30 ms pinned; sync - scratch 65-70 ms vs 28-40 ms). 
 setting; ``--no-pin`` shows the difference. (A separate process group for BN, so that its collectives cannot queue
 behind DDP's gradient all_reduce, was measured too and made no difference, pinned or not.)
 
-Run: python scripts/bench_sync.py [--rounds 30] [--batch 32] [--no-pin] [--no-breakdown]
+gloo's event loop (``sync_stock_loop``): gloo's TCP event loop busy-polls a socket whose data arrived before this rank
+posted the receive; on a pinned core that loop starves the threads that would post it (a quarter of small
+collectives took 3-4 ms here). SyncBatchNorm therefore runs the loop at ``SCHED_IDLE``
+(:func:`bn_lightning.set_gloo_event_loop_policy`), and so does this benchmark from the start, for every candidate and
+the probe. The extra candidate ``sync_stock_loop`` runs the same sync step with the loop back at gloo's default
+policy, in the same rounds, to show what that setting is worth; ``BN_LIGHTNING_GLOO_IDLE_LOOP=0`` runs everything at
+the default policy.
+
+Allocator (``--malloc``): glibc hands freed activation-sized blocks back to the OS and page-faults them in again
+(~1 ms per 4096 faults here), at layers that differ between the ranks, and every sync point waits for the rank that
+faulted. ``--malloc keep`` starts the ranks with ``GLIBC_TUNABLES`` that keep freed memory in the process (a fixed
+mmap threshold of 1 GiB and no trimming), as jemalloc/tcmalloc setups do; ``default`` leaves glibc as it is. Every
+candidate runs under the same setting.
+
+Run: python scripts/bench_sync.py [--rounds 30] [--batch 32] [--no-pin] [--no-breakdown] [--malloc keep]
 """
 
 from __future__ import annotations
@@ -82,6 +96,7 @@ from _bench import (  # noqa: E402
 )
 
 import bn_lightning as bnl  # noqa: E402
+from bn_lightning.layers import sync as sync_module  # noqa: E402
 from bn_lightning.layers.sync import ProcessGroupReducer  # noqa: E402
 from bn_lightning.models import ResNet20  # noqa: E402
 
@@ -89,6 +104,8 @@ WORLD = 2
 WIDEST = 64  # channels of ResNet-20's widest BN layer: the probe's packets are that layer's
 OPS = ("all_gather", "all_reduce")  # the forward and the backward collective
 CONTENTION_WARN = 0.05  # others' share of the CPU above which the numbers get a warning
+# glibc tunables for --malloc keep: no mmap below 1 GiB, never trim the heap (freed memory stays mapped)
+KEEP_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -109,6 +126,31 @@ def _pin(rank: int, threads: int) -> None:
     """Bind this process, and every thread it has or will start, to its own ``threads`` cores."""
     for tid in os.listdir("/proc/self/task"):  # threads started so far; later ones inherit the main thread's mask
         os.sched_setaffinity(int(tid), _cpus(rank, threads))
+
+
+def _gloo_loops() -> list[int]:
+    """Thread ids of this process's gloo event loops (see :func:`bn_lightning.set_gloo_event_loop_policy`)."""
+    tids = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() == "gloo_tcp_loop":
+                tids.append(int(tid))
+    return tids
+
+
+def _with_loop_policy(step: Callable[[], None], tids: list[int], inside: int, outside: int) -> Callable[[], None]:
+    """``step`` run with the event loops at scheduling policy ``inside``, restored to ``outside`` after it."""
+
+    def run() -> None:
+        for tid in tids:
+            os.sched_setscheduler(tid, inside, os.sched_param(0))
+        try:
+            step()
+        finally:
+            for tid in tids:
+                os.sched_setscheduler(tid, outside, os.sched_param(0))
+
+    return run
 
 
 def _gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -232,6 +274,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     for name, net in nets.items():
         model = DistributedDataParallel(net)
         fns[name] = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y)
+    # every candidate and the probe run with the event loops as SyncBatchNorm leaves them (it idles them on its first
+    # collective; done here up front so that the first probes and warm-up rounds see the same setting)
+    loop_default = os.sched_getscheduler(0)
+    loop_policy = os.SCHED_IDLE if sync_module._idle_loop else loop_default
+    if sync_module._idle_loop:
+        bnl.set_gloo_event_loop_policy("idle")
+    if args.stock_loop and loop_policy != loop_default:
+        fns["sync_stock_loop"] = _with_loop_policy(fns["sync"], _gloo_loops(), loop_default, loop_policy)
     probe = LatencyProbe(n_bn)
     back_to_back = interleaved(probe.ops, repeats=5, warmup=1, number=100)
     times = interleaved({**fns, "probe": probe}, repeats=args.rounds, warmup=args.warmup)
@@ -304,6 +354,18 @@ def main(argv: list[str] | None = None) -> None:
         help="bind each rank (and gloo's threads) to its own cores; default: on when there is a core per thread",
     )
     parser.add_argument(
+        "--stock-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time sync with gloo's event loop at its default scheduling policy (candidate sync_stock_loop)",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="the ranks' glibc allocator: as it is, or keeping freed memory mapped (GLIBC_TUNABLES, see above)",
+    )
+    parser.add_argument(
         "--breakdown",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -318,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     args.pin = can_pin if args.pin is None else args.pin
 
     torch.set_num_threads(args.threads)  # this process only reports; environment_lines then shows the ranks' count
+    if args.malloc == "keep":  # read by glibc when a rank's process starts (spawn), so set before starting them
+        os.environ["GLIBC_TUNABLES"] = KEEP_MALLOC
     result, others = _run(args)
     times, lat, n_bn, parts = result["times"], result["lat"], result["n_bn"], result["parts"]
     ms = {k: [t * 1e3 for t in v] for k, v in times.items()}
@@ -327,9 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(environment_lines()))
     pins = "; ".join(f"rank {r} -> cpus {sorted(_cpus(r, args.threads))}" for r in range(WORLD))
     pinning = f"pinned: {pins}" if args.pin else "not pinned"
+    loop = "SCHED_IDLE" if sync_module._idle_loop else "default policy"
     print(
         f"{WORLD} gloo processes x {args.threads} thread(s), ResNet-20 ({n_bn} BN layers), batch {args.batch}/rank, "
-        f"32x32, {args.rounds} interleaved rounds, {pinning}"
+        f"32x32, {args.rounds} interleaved rounds, {pinning}, gloo event loop {loop}, malloc {args.malloc}"
     )
     print_table(
         ["candidate", "median step ms", "ratio vs scratch (median, q1-q3)"],
@@ -352,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{op} {us[op + ' back-to-back']:.1f} us" for op in OPS)
     )
     print(f"sync - scratch (median of per-round differences): {extra:.2f} ms")
+    if "sync_stock_loop" in ms:
+        stock = median([s - p for s, p in zip(ms["sync_stock_loop"], ms["scratch"], strict=True)])
+        print(f"sync_stock_loop - scratch (gloo's event loop at its default policy): {stock:.2f} ms")
     if parts is not None:
         print(
             f"where it goes (sync step {parts['step'] * 1e3:.1f} ms, {parts['calls']} reducer calls; rank mean, mean "
@@ -370,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     if others > CONTENTION_WARN:
         print("WARNING: the machine was busy while timing; rerun on an idle machine before trusting the numbers.")
     resolved = ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    resolved += ["--threads", str(args.threads), "--pin" if args.pin else "--no-pin"]
+    resolved += ["--threads", str(args.threads), "--pin" if args.pin else "--no-pin", "--malloc", args.malloc]
+    resolved += [] if args.stock_loop else ["--no-stock-loop"]
     resolved += [] if args.breakdown else ["--no-breakdown"]
     print("reproduce:", reproduce_command(resolved))
 

@@ -9,7 +9,7 @@ from bn_lightning.layers.factory import BATCHNORM_IMPLS, get_batchnorm_class, re
 from bn_lightning.layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bn_lightning.layers.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bn_lightning.layers.renorm import BatchRenorm1d, BatchRenorm2d
-from bn_lightning.layers.sync import ProcessGroupReducer, SyncBatchNorm
+from bn_lightning.layers.sync import ProcessGroupReducer, SyncBatchNorm, set_gloo_event_loop_policy
 
 __all__ = [
     "BATCHNORM_IMPLS",
@@ -29,4 +29,5 @@ __all__ = [
     "SyncBatchNorm",
     "get_batchnorm_class",
     "resolve_impl",
+    "set_gloo_event_loop_policy",
 ]
