@@ -44,6 +44,12 @@ def test_demo_precise_bn_repairs_the_running_statistics(capsys):
     [
         ("bench_layers", ["--shape", "4", "4", "8", "8", "--rounds", "2", "--warmup", "0", "--threads", "1"]),
         ("bench_precise_bn", ["--num-batches", "1", "--batch-size", "4", "--rounds", "1", "--warmup", "0"]),
+        pytest.param(
+            "bench_sync",
+            ["--rounds", "2", "--warmup", "0", "--batch", "2", "--malloc", "keep"],
+            marks=pytest.mark.ddp,
+            id="bench_sync",
+        ),
     ],
 )
 def test_benchmark_scripts_run_and_print_how_to_reproduce(script, args):
@@ -56,6 +62,8 @@ def test_benchmark_scripts_run_and_print_how_to_reproduce(script, args):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reproduce: " in out.stdout
+    if script == "bench_sync":  # the A/B of gloo's event-loop policy and the verdict against the floor are printed
+        assert "sync_stock_loop - scratch" in out.stdout and "extra / floor" in out.stdout
 
 
 def test_benchmark_thread_option_is_validated():
