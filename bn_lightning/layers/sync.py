@@ -75,7 +75,7 @@ def set_gloo_event_loop_policy(policy: str = "idle") -> int:
     all_reduces took 3-4 ms instead of 0.15 ms). At ``SCHED_IDLE`` the loop runs only when nothing else of that core
     wants to, and any woken thread preempts it at once, while a rank that waits in a collective leaves the loop the
     whole core. ``scripts/bench_sync.py`` (2 ranks, ResNet-20): the mean small-collective latency fell from ~1.1 ms
-    to ~0.15 ms and SyncBatchNorm's cost per step from ~35 ms to ~15 ms.
+    to ~0.15 ms and SyncBatchNorm's cost per step over local BN from ~45 ms to ~14 ms (A/B in the same runs).
 
     :class:`SyncBatchNorm` calls this once per process group, after its first CPU collective over that group (gloo
     starts a loop per group); ``BN_LIGHTNING_GLOO_IDLE_LOOP=0`` turns that off. Linux only; elsewhere, and on torch
@@ -240,14 +240,20 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
     ``track_running_stats=False``), in a group of one, or when no process group is initialised: then the layer is
     plain local BN, so the same model runs unchanged in a single process.
 
-    Cost: each collective waits for the slowest rank, then pays the backend's latency, twice per layer and step. On
-    CPU (gloo), give every rank its own cores (``taskset``, ``numactl``, or ``os.sched_setaffinity`` before
-    ``init_process_group``, so that gloo's threads inherit it): unpinned, the scheduler runs gloo's helper threads on
-    the core where another rank computes, which about doubles both the waiting and the latency
-    (``scripts/bench_sync.py``: 2 ranks, ResNet-20, 21 layers: 55-70 ms of each step in the collectives unpinned,
-    25-35 ms pinned). On CPU each rank polls its collective for up to 2 ms before it sleeps, which saves the
-    wake-up (sync - local BN per step: ~26 ms instead of ~32 ms); set ``BN_LIGHTNING_SYNC_SPIN_US`` (microseconds,
-    ``0`` = block at once) to change that, e.g. when ranks share cores with other busy work.
+    Cost: each collective waits for the slowest rank, then pays the backend's latency, twice per layer and step
+    (``scripts/bench_sync.py``, 2 CPU ranks, ResNet-20 with 21 layers, batch 32: ~14 ms per step over local BN, against
+    ~7 ms for the 42 collectives alone). On CPU (gloo):
+
+    - after its first collective over a group, the layer runs gloo's TCP event loop at ``SCHED_IDLE`` (see
+      :func:`set_gloo_event_loop_policy`; ``BN_LIGHTNING_GLOO_IDLE_LOOP=0`` keeps gloo's default): otherwise that loop
+      busy-polls whenever a peer's data arrives first and takes the core from the rank (~45 ms per step, pinned or
+      not, instead of ~14 ms pinned and ~25 ms unpinned);
+    - give every rank its own cores (``taskset``, ``numactl``, or ``os.sched_setaffinity`` before
+      ``init_process_group``, so that gloo's threads inherit it; unpinned: ~25 ms per step), and no more torch
+      threads than cores: oversubscribed ranks pay hundreds of ms per step;
+    - each rank polls its collective for up to 2 ms before it sleeps, which saves the wake-up; set
+      ``BN_LIGHTNING_SYNC_SPIN_US`` (microseconds, ``0`` = block at once) to change that, e.g. when ranks share cores
+      with other busy work.
 
     Args:
         num_features: number of channels ``C``.
