@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from bn_lightning.functional import BatchStats, batch_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
+from bn_lightning.layers.sync import _wait
 
 __all__ = ["REDUCTIONS", "BatchNormCallbackBase", "LayerBatch", "find_batchnorm_layers", "layer_batch_stats"]
 
@@ -703,7 +704,7 @@ class BatchNormCallbackBase(Callback):
         if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return local, local.unsqueeze(0)
         gathered = [torch.empty_like(local) for _ in range(trainer.world_size)]
-        dist.all_gather(gathered, local.contiguous())
+        _wait(dist.all_gather(gathered, local.contiguous(), async_op=True), local.device.type == "cpu")
         per_rank = torch.stack(gathered)
         hows = list(self.STATS.values()) + ["sum"] * self._extra_width()
         columns = [_REDUCE[how](per_rank[:, :, j]) for j, how in enumerate(hows)]

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from bn_lightning.callbacks._base import find_batchnorm_layers
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
-from bn_lightning.layers.sync import SyncBatchNorm
+from bn_lightning.layers.sync import SyncBatchNorm, _wait
 
 __all__ = ["BatchNormGap"]
 
@@ -75,7 +75,7 @@ def _scalar(value: Any, like: Tensor) -> Tensor:
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
-    dist.all_reduce(t)  # one collective for all the sums of this measurement
+    _wait(dist.all_reduce(t, async_op=True), t.device.type == "cpu")  # one collective for all the sums
     return t
 
 

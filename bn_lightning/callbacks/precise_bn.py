@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from bn_lightning.functional import BatchStats, batch_stats, merge_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
+from bn_lightning.layers.sync import _wait
 
 __all__ = ["PreciseBN", "recalibrate_bn"]
 
@@ -368,7 +369,7 @@ def _finish(targets: list[_Target], world: int, process_group: Any, seen_samples
         header = torch.full((1,), float(seen_samples), dtype=dtype, device=device)
         packed = torch.cat([header] + [torch.cat([r.count.view(1), r.mean, r.var]).to(device) for r in results])
         gathered = [torch.empty_like(packed) for _ in range(world)]
-        dist.all_gather(gathered, packed, group=process_group)
+        _wait(dist.all_gather(gathered, packed, group=process_group, async_op=True), packed.device.type == "cpu")
         rows = torch.stack(gathered)
         merged, offset = [], 1
         for r in results:
