@@ -62,6 +62,14 @@ def test_accelerator_collectives_and_a_zero_budget_are_never_polled(monkeypatch,
     assert work.polled == 0 and work.waited == 1
 
 
+def test_waited_handles_are_kept_so_the_backend_thread_never_frees_them(monkeypatch):
+    monkeypatch.setattr(sync, "_spin_seconds", 0.0)
+    works = [FakeWork(polls=0) for _ in range(sync._KEPT_WORKS + 3)]
+    for work in works:
+        sync._wait(work, on_cpu=True)
+    assert list(sync._kept_works) == works[-sync._KEPT_WORKS :]  # the newest, bounded
+
+
 @pytest.mark.parametrize("raw,seconds", [("", 2e-3), ("500", 5e-4), ("0", 0.0), ("12.5", 12.5e-6)])
 def test_spin_budget_comes_from_the_environment_in_microseconds(monkeypatch, raw, seconds):
     monkeypatch.setenv("BN_LIGHTNING_SYNC_SPIN_US", raw)
