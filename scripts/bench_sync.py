@@ -128,16 +128,6 @@ def _pin(rank: int, threads: int) -> None:
         os.sched_setaffinity(int(tid), _cpus(rank, threads))
 
 
-def _gloo_loops() -> list[int]:
-    """Thread ids of this process's gloo event loops (see :func:`bn_lightning.set_gloo_event_loop_policy`)."""
-    tids = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() == "gloo_tcp_loop":
-                tids.append(int(tid))
-    return tids
-
-
 def _with_loop_policy(step: Callable[[], None], tids: list[int], inside: int, outside: int) -> Callable[[], None]:
     """``step`` run with the event loops at scheduling policy ``inside``, restored to ``outside`` after it."""
 
@@ -281,7 +271,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     if sync_module._idle_loop:
         bnl.set_gloo_event_loop_policy("idle")
     if args.stock_loop and loop_policy != loop_default:
-        fns["sync_stock_loop"] = _with_loop_policy(fns["sync"], _gloo_loops(), loop_default, loop_policy)
+        fns["sync_stock_loop"] = _with_loop_policy(
+            fns["sync"], sync_module._gloo_loop_threads(), loop_default, loop_policy
+        )
     probe = LatencyProbe(n_bn)
     back_to_back = interleaved(probe.ops, repeats=5, warmup=1, number=100)
     times = interleaved({**fns, "probe": probe}, repeats=args.rounds, warmup=args.warmup)

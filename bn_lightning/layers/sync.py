@@ -103,12 +103,11 @@ def set_gloo_event_loop_policy(policy: str = "idle") -> int:
         return 0
     target = os.SCHED_IDLE if policy == "idle" else os.SCHED_OTHER
     changed = 0
-    for tid in os.listdir("/proc/self/task"):
+    for tid in _gloo_loop_threads():
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() != _GLOO_LOOP_THREAD or os.sched_getscheduler(int(tid)) == target:
-                    continue
-            os.sched_setscheduler(int(tid), target, os.sched_param(0))
+            if os.sched_getscheduler(tid) == target:
+                continue
+            os.sched_setscheduler(tid, target, os.sched_param(0))
         except ProcessLookupError:  # the thread ended meanwhile
             continue
         except OSError as err:  # e.g. a sandbox that forbids changing policies: keep gloo's default
@@ -116,6 +115,19 @@ def set_gloo_event_loop_policy(policy: str = "idle") -> int:
             return changed
         changed += 1
     return changed
+
+
+def _gloo_loop_threads() -> list[int]:
+    """Thread ids of this process's gloo event loops (Linux ``/proc``; empty elsewhere)."""
+    tids = []
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == _GLOO_LOOP_THREAD:
+                    tids.append(int(tid))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return tids
 
 
 def _idle_loop_from_env() -> bool:
