@@ -68,6 +68,7 @@ __all__ = [
     "get_kernel",
     "grad_input",
     "grad_reductions",
+    "merge_finite_stats",
     "merge_stats",
     "normalize",
     "reduce_dims",
@@ -437,15 +438,29 @@ def merge_stats(mean: Tensor, var: Tensor, count: Tensor) -> BatchStats:
     if counts.dim() == 1:
         counts = counts.unsqueeze(1)
     present = counts > 0
-    return _merge_finite(torch.where(present, mean, 0), torch.where(present, var, 0), counts)
+    return merge_finite_stats(torch.where(present, mean, 0), torch.where(present, var, 0), counts)
 
 
-def _merge_finite(mean: Tensor, var: Tensor, counts: Tensor) -> BatchStats:
+def merge_finite_stats(mean: Tensor, var: Tensor, counts: Tensor) -> BatchStats:
     """:func:`merge_stats` for chunks whose statistics are all finite (an empty chunk may hold zeros, not NaN).
 
-    ``counts`` is ``(k, 1)`` or ``(k, C)`` in ``mean``'s dtype. SyncBatchNorm's reducer calls this directly: its
-    packets come from :func:`_centered_stats`, which gives an empty batch zero statistics. About half the ops of
-    :func:`merge_stats`, for a collective that runs twice per layer and step.
+    About half the ops of :func:`merge_stats`, for callers that run it on every step (SyncBatchNorm's reducer: its
+    packets come from :func:`batch_stats`' kernels, which give an empty batch zero statistics).
+
+    Args:
+        mean: ``(k, C)`` per-chunk means, finite (zero for an empty chunk).
+        var: ``(k, C)`` per-chunk biased variances, finite (zero for an empty chunk).
+        counts: ``(k, 1)`` or ``(k, C)`` per-chunk counts, in ``mean``'s dtype.
+
+    Returns:
+        :class:`BatchStats` of the union.
+
+    Example::
+
+        >>> ones = torch.ones(2, 1)
+        >>> s = merge_finite_stats(torch.tensor([[0.0], [2.0]]), ones, ones)
+        >>> s.mean, s.var
+        (tensor([1.]), tensor([2.]))
     """
     total = counts.sum(0)
     weights = counts / total.clamp(min=1)

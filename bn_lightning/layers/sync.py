@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from bn_lightning.functional import BatchStats, StatsReducer, _merge_finite
+from bn_lightning.functional import BatchStats, StatsReducer, merge_finite_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
 
 __all__ = ["ProcessGroupReducer", "SyncBatchNorm", "group_reducer", "set_gloo_event_loop_policy"]
@@ -215,7 +215,7 @@ class ProcessGroupReducer:
         if on_cpu:
             _idle_loops_once(self.group)
         rows = gathered.view(self.world_size, -1)
-        merged = _merge_finite(rows[:, :channels], rows[:, channels : 2 * channels], rows[:, 2 * channels :])
+        merged = merge_finite_stats(rows[:, :channels], rows[:, channels : 2 * channels], rows[:, 2 * channels :])
         if count <= 1 and int(merged.count) == 1:
             raise ValueError(
                 f"{self.layer_name}: expected more than 1 value per channel when training, but the whole process "
