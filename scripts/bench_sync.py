@@ -48,11 +48,11 @@ behind DDP's gradient all_reduce, was measured too and made no difference, pinne
 
 gloo's event loop (``sync_stock_loop``): gloo's TCP event loop busy-polls a socket whose data arrived before this rank
 posted the receive; on a pinned core that loop starves the threads that would post it (a quarter of small
-collectives took 3-4 ms here). SyncBatchNorm therefore runs the loop at ``SCHED_IDLE``
-(:func:`bn_lightning.set_gloo_event_loop_policy`), and so does this benchmark from the start, for every candidate and
-the probe. The extra candidate ``sync_stock_loop`` runs the same sync step with the loop back at gloo's default
-policy, in the same rounds, to show what that setting is worth; ``BN_LIGHTNING_GLOO_IDLE_LOOP=0`` runs everything at
-the default policy.
+collectives took 3-4 ms here). ``SyncBatchNormPlugin(idle_gloo_loop=True)`` therefore runs the loop at ``SCHED_IDLE``
+(:func:`bn_lightning.distributed.set_gloo_event_loop_policy`), and so does this benchmark from the start, for every
+candidate and the probe. The extra candidate ``sync_stock_loop`` runs the same sync step with the loop back at gloo's
+default policy, in the same rounds, to show what that setting is worth; ``--no-idle-loop`` runs everything at the
+default policy.
 
 Allocator (``--malloc``): glibc hands freed activation-sized blocks back to the OS and page-faults them in again
 (~1 ms per 4096 faults here), at layers that differ between the ranks, and every sync point waits for the rank that
@@ -96,9 +96,9 @@ from _bench import (  # noqa: E402
 )
 
 import bn_lightning as bnl  # noqa: E402
-from bn_lightning.layers import sync as sync_module  # noqa: E402
+from bn_lightning.app.models import ResNet20  # noqa: E402
+from bn_lightning.distributed import gloo_event_loop_threads, set_gloo_event_loop_policy  # noqa: E402
 from bn_lightning.layers.sync import ProcessGroupReducer  # noqa: E402
-from bn_lightning.models import ResNet20  # noqa: E402
 
 WORLD = 2
 WIDEST = 64  # channels of ResNet-20's widest BN layer: the probe's packets are that layer's
@@ -264,16 +264,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     for name, net in nets.items():
         model = DistributedDataParallel(net)
         fns[name] = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y)
-    # every candidate and the probe run with the event loops as SyncBatchNorm leaves them (it idles them on its first
-    # collective; done here up front so that the first probes and warm-up rounds see the same setting)
+    # every candidate and the probe run with the event loops as SyncBatchNormPlugin leaves them (idle while applied),
+    # set up front so that the first probes and warm-up rounds see the same setting
     loop_default = os.sched_getscheduler(0)
-    loop_policy = os.SCHED_IDLE if sync_module._idle_loop else loop_default
-    if sync_module._idle_loop:
-        bnl.set_gloo_event_loop_policy("idle")
+    loop_policy = os.SCHED_IDLE if args.idle_loop else loop_default
+    if args.idle_loop:
+        set_gloo_event_loop_policy("idle")
     if args.stock_loop and loop_policy != loop_default:
-        fns["sync_stock_loop"] = _with_loop_policy(
-            fns["sync"], sync_module._gloo_loop_threads(), loop_default, loop_policy
-        )
+        fns["sync_stock_loop"] = _with_loop_policy(fns["sync"], gloo_event_loop_threads(), loop_default, loop_policy)
     probe = LatencyProbe(n_bn)
     back_to_back = interleaved(probe.ops, repeats=5, warmup=1, number=100)
     times = interleaved({**fns, "probe": probe}, repeats=args.rounds, warmup=args.warmup)
@@ -346,6 +344,12 @@ def main(argv: list[str] | None = None) -> None:
         help="bind each rank (and gloo's threads) to its own cores; default: on when there is a core per thread",
     )
     parser.add_argument(
+        "--idle-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run gloo's event loops at SCHED_IDLE, as SyncBatchNormPlugin(idle_gloo_loop=True) does",
+    )
+    parser.add_argument(
         "--stock-loop",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(environment_lines()))
     pins = "; ".join(f"rank {r} -> cpus {sorted(_cpus(r, args.threads))}" for r in range(WORLD))
     pinning = f"pinned: {pins}" if args.pin else "not pinned"
-    loop = "SCHED_IDLE" if sync_module._idle_loop else "default policy"
+    loop = "SCHED_IDLE" if args.idle_loop else "default policy"
     print(
         f"{WORLD} gloo processes x {args.threads} thread(s), ResNet-20 ({n_bn} BN layers), batch {args.batch}/rank, "
         f"32x32, {args.rounds} interleaved rounds, {pinning}, gloo event loop {loop}, malloc {args.malloc}"
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     resolved = ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     resolved += ["--threads", str(args.threads), "--pin" if args.pin else "--no-pin", "--malloc", args.malloc]
     resolved += [] if args.stock_loop else ["--no-stock-loop"]
+    resolved += [] if args.idle_loop else ["--no-idle-loop"]
     resolved += [] if args.breakdown else ["--no-breakdown"]
     print("reproduce:", reproduce_command(resolved))
 

@@ -31,6 +31,10 @@ def _run(tmp_path, mode, *extra):
     return ranks, torch.load(tmp_path / "after_fit.pt", weights_only=False)
 
 
+def _loops(tmp_path, rank):
+    return [torch.load(tmp_path / f"loops_{when}{rank}.pt") for when in ("training", "after")]
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_trainer_cpu_ddp_with_plugin_synchronises_and_reverts(tmp_path):
@@ -39,6 +43,11 @@ def test_trainer_cpu_ddp_with_plugin_synchronises_and_reverts(tmp_path):
     for name in r0:
         torch.testing.assert_close(r0[name][1], r1[name][1], msg=name)  # synced: identical on both ranks
     assert set(after.values()) == {"BatchNorm2d", "BatchNorm1d"}  # reverted to the exact torch classes
+    if sys.platform.startswith("linux"):  # gloo's event loops idle while the plugin is applied, restored after
+        for rank in range(2):
+            training, after_fit = _loops(tmp_path, rank)
+            assert training and set(training) == {os.SCHED_IDLE}
+            assert set(after_fit) == {os.SCHED_OTHER}
 
 
 @pytest.mark.ddp
@@ -46,6 +55,10 @@ def test_trainer_cpu_ddp_with_plugin_synchronises_and_reverts(tmp_path):
 def test_without_plugin_the_ranks_buffers_diverge(tmp_path):
     (r0, r1), _ = _run(tmp_path, "none")
     assert any(not torch.allclose(r0[n][1], r1[n][1]) for n in r0)  # so the test above can fail
+    if sys.platform.startswith("linux"):  # nothing else changes gloo's scheduling
+        for rank in range(2):
+            training, after_fit = _loops(tmp_path, rank)
+            assert training and set(training) == {os.SCHED_OTHER} and set(after_fit) <= {os.SCHED_OTHER}
 
 
 def test_plugin_with_sync_batchnorm_true_is_refused():
@@ -58,6 +71,8 @@ def test_plugin_validates_arguments():
         SyncBatchNormPlugin(group_size=0)
     with pytest.raises(TypeError, match="include"):
         SyncBatchNormPlugin(include="net.*")
+    with pytest.raises(TypeError, match="idle_gloo_loop must be True or False"):
+        SyncBatchNormPlugin(idle_gloo_loop="yes")
 
 
 def test_plugin_apply_and_revert_in_one_process_respects_patterns():

@@ -13,7 +13,29 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.functional import BatchStats, Renorm, StatsReducer, batch_norm_with_stats
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd", "ScratchBatchNormMixin"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd", "ScratchBatchNormMixin", "has_batch_stats"]
+
+
+def has_batch_stats(layer: nn.Module) -> bool:
+    """Whether ``layer`` keeps the statistics of its last training batch in ``layer.last_batch_stats``.
+
+    The protocol: after a training-mode forward, ``last_batch_stats`` is the detached per-channel
+    :class:`~bn_lightning.functional.BatchStats` (mean, biased variance, count) the layer normalised with (for a
+    synchronised layer: the statistics of the whole group); after an eval-mode forward, and before any forward, it is
+    ``None``. Every trainable bn_lightning BN layer keeps them (they cost nothing: the forward computed them anyway);
+    torch's layers do not, and callbacks recover them another way.
+
+    Args:
+        layer: any module.
+
+    Example::
+
+        >>> import torch
+        >>> from bn_lightning.layers import BatchNorm2d, has_batch_stats
+        >>> has_batch_stats(BatchNorm2d(3)), has_batch_stats(torch.nn.BatchNorm2d(3))
+        (True, False)
+    """
+    return isinstance(layer, ScratchBatchNormMixin)
 
 
 class ScratchBatchNormMixin:

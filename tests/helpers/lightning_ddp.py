@@ -1,7 +1,8 @@
 """A 2-process CPU DDP Lightning run, executed as a script (Lightning's ddp launcher re-runs ``sys.argv``).
 
 Usage: python tests/helpers/lightning_ddp.py OUT_DIR {plugin,none} [group_size]
-Each rank saves, at the end of fit, the class names of its BN layers and their running statistics to OUT_DIR.
+Each rank saves, at the end of fit, the class names of its BN layers and their running statistics to OUT_DIR, and the
+scheduling policies of its gloo event-loop threads during training and after fit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from bn_lightning.distributed import gloo_event_loop_threads  # noqa: E402
 from bn_lightning.plugins import SyncBatchNormPlugin  # noqa: E402
 from tests.helpers.tiny import TinyBNNet  # noqa: E402
 
@@ -40,6 +42,11 @@ class _Module(pl.LightningModule):
             {n: (type(m).__module__ + "." + type(m).__name__, m.running_mean.clone()) for n, m in bns.items()},
             os.path.join(sys.argv[1], f"rank{self.global_rank}.pt"),
         )
+        torch.save(_loop_policies(), os.path.join(sys.argv[1], f"loops_training{self.global_rank}.pt"))
+
+
+def _loop_policies() -> list[int]:
+    return [os.sched_getscheduler(tid) for tid in gloo_event_loop_threads()]
 
 
 def main() -> None:
@@ -63,6 +70,7 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(module, data)
+    torch.save(_loop_policies(), os.path.join(out_dir, f"loops_after{trainer.global_rank}.pt"))
     if trainer.is_global_zero:
         after = {n: type(m).__name__ for n, m in module.named_modules() if "BatchNorm" in type(m).__name__}
         torch.save(after, os.path.join(out_dir, "after_fit.pt"))
