@@ -6,11 +6,12 @@ Provides :func:`convert_batchnorm` (every BN layer -> torch, scratch, sync, froz
 functions in timm's style: they reuse the very same ``Parameter`` and buffer objects (so optimizers, ``requires_grad``,
 device and dtype are untouched), keep the training flag, rebuild the tree with ``add_module``, and remember each
 layer's original class, constructor options and tensors so that converting back gives exactly what was there.
+Frozen layers (:class:`~bn_lightning.layers.frozen.FrozenBatchNormBase`, which are not torch
+``_BatchNorm`` subclasses) are converted to and from like any BN layer, and left alone by the sync converters.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -20,8 +21,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.layers.batchnorm import BatchNormXd
 from bn_lightning.layers.factory import get_batchnorm_class, resolve_impl
-from bn_lightning.layers.frozen import FrozenBatchNormMixin
+from bn_lightning.layers.frozen import FrozenBatchNormBase
 from bn_lightning.layers.sync import NORM_HAS_BIAS_FLAG, SyncBatchNorm
+from bn_lightning.validation import selected
 
 __all__ = [
     "bn_param_groups",
@@ -34,12 +36,16 @@ __all__ = [
 _ORIGINAL = "_bn_lightning_original"  # (class, constructor kwargs, {name: original tensor object})
 _KEEP_ATTRS = ("qconfig",)
 _CTOR_ATTRS = ("process_group", "virtual_batch_size", "r_max", "d_max", "warmup_steps", "sync")
+# what a layer built frozen (it has neither) becomes when converted to a trainable BN: torch's defaults
+_DEFAULT_MOMENTUM = 0.1
+_DEFAULT_TRACK_RUNNING_STATS = True
+
+_AnyBatchNorm = _BatchNorm | FrozenBatchNormBase
 
 
-def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+def _is_batchnorm(module: nn.Module) -> bool:
+    """A layer the converters handle: any torch ``_BatchNorm`` (ours included) or a frozen BN layer."""
+    return isinstance(module, _BatchNorm | FrozenBatchNormBase)
 
 
 def _assign(new: nn.Module, name: str, value: Tensor | None) -> None:
@@ -52,11 +58,12 @@ def _assign(new: nn.Module, name: str, value: Tensor | None) -> None:
         setattr(new, name, value.detach() if isinstance(value, nn.Parameter) else value)
 
 
-def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> _BatchNorm:
+def swap_batchnorm(module: _AnyBatchNorm, cls: type[_AnyBatchNorm], **kwargs: Any) -> _AnyBatchNorm:
     """Build a ``cls`` layer that shares ``module``'s parameters and buffers and copies its flags.
 
     Args:
-        module: the BN layer to replace.
+        module: the BN layer to replace (a frozen one has no ``momentum`` nor ``track_running_stats``: torch's
+            defaults, 0.1 and ``True``, are used).
         cls: the new class; constructed as ``cls(num_features, eps=, momentum=, affine=, track_running_stats=,
             **kwargs)``.
         **kwargs: extra constructor arguments (e.g. ``process_group``, ``virtual_batch_size``); a ``momentum`` here
@@ -80,9 +87,9 @@ def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> 
     new = cls(
         module.num_features,
         eps=kwargs.pop("eps", module.eps),
-        momentum=kwargs.pop("momentum", module.momentum),
+        momentum=kwargs.pop("momentum", getattr(module, "momentum", _DEFAULT_MOMENTUM)),
         affine=module.affine,
-        track_running_stats=module.track_running_stats,
+        track_running_stats=getattr(module, "track_running_stats", _DEFAULT_TRACK_RUNNING_STATS),
         **kwargs,
     )
     for name in ("weight", "bias"):
@@ -99,7 +106,7 @@ def swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm], **kwargs: Any) -> 
     return new
 
 
-def _layer_dim(layer: _BatchNorm) -> int | None:
+def _layer_dim(layer: _AnyBatchNorm) -> int | None:
     """1, 2 or 3 for a BN layer of known dimensionality; ``None`` for dimension-agnostic ones (SyncBatchNorm)."""
     for dim, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
         if isinstance(layer, cls):
@@ -108,10 +115,11 @@ def _layer_dim(layer: _BatchNorm) -> int | None:
     return {(2, 3): 1, (4,): 2, (5,): 3}.get(tuple(dims)) if dims else None
 
 
-def _remember(layer: _BatchNorm) -> tuple[type, dict[str, Any], dict[str, Any]]:
+def _remember(layer: _AnyBatchNorm) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """What converting back needs: the class, its constructor options, and the original tensor objects."""
     kwargs = {a: getattr(layer, a) for a in _CTOR_ATTRS if a in _ctor_params(type(layer)) and hasattr(layer, a)}
-    kwargs["momentum"] = layer.momentum  # a frozen layer's momentum (0) is a placeholder: converting away restores it
+    if not isinstance(layer, FrozenBatchNormBase):  # a frozen layer has no momentum; layers built from it get it back
+        kwargs["momentum"] = layer.momentum
     tensors = {n: getattr(layer, n, None) for n in ("weight", "bias", "num_batches_tracked")}
     return type(layer), kwargs, tensors
 
@@ -120,7 +128,7 @@ def _ctor_params(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
 
 
-def _restore(layer: _BatchNorm) -> _BatchNorm:
+def _restore(layer: _AnyBatchNorm) -> _AnyBatchNorm:
     cls, kwargs, tensors = getattr(layer, _ORIGINAL)
     new = swap_batchnorm(layer, cls, **kwargs)
     for name, value in tensors.items():  # the very same Parameter objects (and counter) come back
@@ -179,7 +187,7 @@ def convert_batchnorm(
 
 def _convert_tree(module: nn.Module, name: str, impl: str, options: dict, include: Any, exclude: Any) -> nn.Module:
     out = module
-    if isinstance(module, _BatchNorm) and _selected(name, include, exclude):
+    if _is_batchnorm(module) and selected(name, include, exclude):
         out = _convert_one(module, name, impl, options)
     for child_name, child in module.named_children():
         path = f"{name}.{child_name}" if name else child_name
@@ -187,7 +195,7 @@ def _convert_tree(module: nn.Module, name: str, impl: str, options: dict, includ
     return out
 
 
-def _convert_one(layer: _BatchNorm, name: str, impl: str, options: dict) -> _BatchNorm:
+def _convert_one(layer: _AnyBatchNorm, name: str, impl: str, options: dict) -> _AnyBatchNorm:
     original = getattr(layer, _ORIGINAL, None)
     if impl == "torch" and original is not None:
         return _restore(layer)
@@ -196,9 +204,9 @@ def _convert_one(layer: _BatchNorm, name: str, impl: str, options: dict) -> _Bat
             if "process_group" in options:
                 layer.process_group = options["process_group"]
             return layer
-        if getattr(layer, "_bn_lightning_no_sync", False):
+        if isinstance(layer, FrozenBatchNormBase) or getattr(layer, "_bn_lightning_no_sync", False):
             return layer  # frozen / ghost / renorm keep their own semantics
-        cls: type[_BatchNorm] = SyncBatchNorm
+        cls: type[_AnyBatchNorm] = SyncBatchNorm
     else:
         dim = _layer_dim(layer)
         if dim is None and original is not None:
@@ -221,9 +229,9 @@ def _convert_one(layer: _BatchNorm, name: str, impl: str, options: dict) -> _Bat
         )
     # momentum and eps are applied by swap_batchnorm for every target, whatever its constructor spells out
     kwargs = {k: v for k, v in options.items() if k in _ctor_params(cls) | {"momentum", "eps"}}
-    from_frozen = original is not None and isinstance(layer, FrozenBatchNormMixin)
-    if from_frozen:  # a frozen layer's momentum (0) and missing counter are placeholders: the original's come back
-        kwargs.setdefault("momentum", original[1].get("momentum", layer.momentum))
+    from_frozen = original is not None and isinstance(layer, FrozenBatchNormBase)
+    if from_frozen:  # a frozen layer has no momentum nor counter: the original's come back
+        kwargs.setdefault("momentum", original[1].get("momentum", _DEFAULT_MOMENTUM))
     new = swap_batchnorm(layer, cls, **kwargs)
     counter = original[2].get("num_batches_tracked") if from_frozen else None
     if counter is not None and new._buffers.get("num_batches_tracked") is not None:
@@ -249,8 +257,9 @@ def convert_sync_batchnorm(
     """Replace every BN layer in ``module`` with :class:`bn_lightning.SyncBatchNorm`.
 
     Converts torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, ours, and any other ``_BatchNorm`` subclass
-    (Lightning's ``_BatchNormXd``); layers whose statistics must not be synchronised (frozen, ghost; renorm syncs
-    through its own ``sync`` flag) opt out with a class attribute ``_bn_lightning_no_sync = True``. Remembers each
+    (Lightning's ``_BatchNormXd``). Frozen layers (fixed statistics: nothing to synchronise) are left alone, as
+    torch's converter does; ghost layers and renorm (which syncs through its own ``sync`` flag) opt out with a class
+    attribute ``_bn_lightning_no_sync = True``. Remembers each
     layer's original class so :func:`revert_sync_batchnorm` restores it exactly. Layers that are already ours are
     re-pointed at ``process_group``.
 
@@ -306,6 +315,7 @@ def bn_param_groups(
 
     Decaying gamma and beta fights the normalisation (it shrinks the layer's output scale for no benefit); common
     recipes exempt them. Parameters that do not require grad are left out. Each parameter appears exactly once.
+    Frozen BN layers hold buffers only, so nothing of theirs is in either group.
 
     Args:
         model: the model.

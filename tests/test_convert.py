@@ -10,8 +10,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_lightning as B
+from bn_lightning.app.models import ResNet20
 from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
-from bn_lightning.models import ResNet20
+from bn_lightning.layers.frozen import FrozenBatchNormBase
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 KINDS = ["scratch", "sync", "frozen", "ghost", "renorm"]
@@ -70,7 +71,8 @@ def _x(dtype=torch.float64, n=8, seed=1):
 
 
 def _bn_layers(net):
-    return {name: m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
+    """Every BN layer, frozen ones included (they are not torch ``_BatchNorm`` subclasses)."""
+    return {name: m for name, m in net.named_modules() if isinstance(m, _BatchNorm | FrozenBatchNormBase)}
 
 
 def _snapshot(net):
@@ -174,6 +176,8 @@ def test_frozen_conversion_gives_eval_mode_outputs_in_training():
     for key, value in frozen.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not any(isinstance(m, _BatchNorm) and list(m.parameters(recurse=False)) for m in frozen.modules())
+    layers = _bn_layers(frozen).values()
+    assert len(layers) == 4 and not any(isinstance(m, _BatchNorm) or list(m.parameters()) for m in layers)
 
 
 def test_frozen_keeps_the_original_momentum_and_counter_for_later_conversions():
@@ -275,6 +279,8 @@ def test_never_converted_layers_become_torch():
     assert [type(m) for m in net] == [nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d]
     assert net[0].weight is weight
     assert isinstance(net[2].weight, nn.Parameter) and net[2].weight.requires_grad
+    # a layer built frozen has no momentum nor tracking flag: the trainable layer gets torch's defaults
+    assert (net[2].momentum, net[2].track_running_stats, int(net[2].num_batches_tracked)) == (0.1, True, 0)
 
 
 def test_sync_conversion_leaves_frozen_ghost_and_renorm_alone():

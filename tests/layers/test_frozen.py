@@ -1,12 +1,20 @@
-"""FrozenBatchNorm1d/2d/3d against eval-mode torch.nn BN (the independent reference), in training and eval mode."""
+"""FrozenBatchNorm1d/2d/3d against eval-mode torch.nn BN (the independent reference), in training and eval mode.
+
+Tools that find BN layers (torch's, Lightning's, ours) are run against frozen layers in test_frozen_tools.py.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import bn_lightning as B
+from bn_lightning.functional import normalize
+from bn_lightning.layers import has_batch_stats
+from bn_lightning.layers.frozen import FrozenBatchNormBase
 
 # (frozen class, torch class, input shape)
 CASES = {
@@ -89,7 +97,9 @@ def test_all_tensors_are_buffers():
     assert frozen.num_batches_tracked is None
     assert torch.equal(frozen.weight, torch.ones(4)) and torch.equal(frozen.bias, torch.zeros(4))
     assert torch.equal(frozen.running_mean, torch.zeros(4)) and torch.equal(frozen.running_var, torch.ones(4))
-    assert isinstance(frozen, nn.modules.batchnorm._BatchNorm)
+    # a plain module, as torchvision's and detectron2's: tools that reset or update `_BatchNorm`s pass it by
+    assert not isinstance(frozen, nn.modules.batchnorm._BatchNorm) and isinstance(frozen, FrozenBatchNormBase)
+    assert not has_batch_stats(frozen)
     # an optimizer over the model has nothing of the frozen layer to step
     net = nn.Sequential(nn.Conv2d(2, 4, 1), frozen)
     assert len(list(net.parameters())) == 2
@@ -213,3 +223,35 @@ def test_single_sample_is_fine_in_training_mode():
     frozen.load_state_dict(ref.state_dict())
     x = _input((1, 5), torch.float32)
     torch.testing.assert_close(frozen(x), ref(x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_is_eval_mode_bn_bit_for_bit_and_independent_of_the_mode(case):
+    frozen_cls, torch_cls, shape = CASES[case]
+    frozen = frozen_cls(5)
+    frozen.load_state_dict(_trained_torch_bn(torch_cls, torch.float32).state_dict())
+    x = _input(shape, torch.float32)
+    expected = normalize(x, frozen.running_mean, frozen.running_var, frozen.weight, frozen.bias, frozen.eps)
+    assert torch.equal(frozen.train()(x), expected)
+    assert torch.equal(frozen.eval()(x), expected)
+
+
+def test_state_dict_loads_into_torch_bn():
+    # no counter is saved: torch's BN loads it strictly and keeps its own counter
+    ref = _trained_torch_bn(nn.BatchNorm2d, torch.float32)
+    frozen = B.FrozenBatchNorm2d(5)
+    frozen.load_state_dict(ref.state_dict())
+    bn = nn.BatchNorm2d(5)
+    bn.load_state_dict(frozen.state_dict(), strict=True)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(bn, name).detach(), getattr(frozen, name)), name
+    x = _input((3, 5, 2, 2), torch.float32)
+    torch.testing.assert_close(bn.eval()(x), frozen(x), **TOL[torch.float32])
+
+
+def test_casts_and_copies_follow_the_buffers():
+    frozen = B.FrozenBatchNorm2d(3).double()
+    assert {t.dtype for t in frozen.buffers()} == {torch.float64}
+    clone = copy.deepcopy(frozen)
+    assert repr(clone) == repr(frozen) and clone.weight is not frozen.weight
+    assert torch.equal(clone(torch.ones(1, 3, 1, 1, dtype=torch.float64)), frozen(torch.ones(1, 3, 1, 1).double()))
