@@ -2,7 +2,7 @@
 
 Three candidates, each timed in interleaved rounds (see scripts/_bench.py), for every memory format asked for:
 
-- ``ours``:   bn_lightning.BatchNorm2d (bn_lightning/functional.py, hand-written backward);
+- ``ours``:   bn_lightning.BatchNorm2d (bn_lightning/functional/, hand-written backward);
 - ``native``: torch.nn.BatchNorm2d (ATen's fused kernels), the reference every ratio divides by;
 - ``naive``:  the textbook formula in autograd ops, the floor any from-scratch layer should beat.
 

@@ -14,18 +14,19 @@ from torch import nn
 
 import bn_lightning as B
 from bn_lightning import functional as BF
+from bn_lightning.functional import compiled as kernels
 
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """Switch to the compiled kernel and count its calls; restores the eager kernel and the failure flag after."""
+    """Switch to the compiled kernel and count its calls; restores the kernel choice and the failure flag after."""
     calls = []
-    run = BF._run_compiled
-    monkeypatch.setattr(BF, "_run_compiled", lambda i, *a: calls.append(i) or run(i, *a))
-    monkeypatch.setattr(BF, "_compiled_broken", False)
+    run = kernels._run_compiled
+    monkeypatch.setattr(kernels, "_run_compiled", lambda i, *a: calls.append(i) or run(i, *a))
+    monkeypatch.setattr(kernels, "_compiled_broken", False)
+    monkeypatch.setattr(kernels, "_chosen", kernels._chosen)
     BF.set_kernel("compiled")
-    yield calls
-    BF.set_kernel("eager")
+    return calls
 
 
 def _float64_reference(x, w, b, dy):
@@ -85,13 +86,13 @@ def test_compiled_kernel_falls_back_to_eager_with_one_warning(compiled, monkeypa
     def fail(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(BF, "_compiled_pair", (fail, fail))
+    monkeypatch.setattr(kernels, "_compiled_pair", (fail, fail))
     layer, ref = B.BatchNorm2d(3), nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
     with pytest.warns(RuntimeWarning, match="compiled BN kernel is unavailable.*no C\\+\\+ compiler"):
         y = layer(x)
     torch.testing.assert_close(y, ref(x))
-    assert BF._compiled_broken
+    assert kernels._compiled_broken
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(x)  # no second warning: the eager kernel from now on
@@ -108,27 +109,62 @@ def test_compiled_kernel_is_only_for_plain_local_float_bn(compiled):
     assert compiled == []
 
 
-def test_set_kernel_rejects_unknown_names():
+def test_set_kernel_rejects_unknown_names(monkeypatch):
+    monkeypatch.delenv("BN_LIGHTNING_KERNEL", raising=False)
     with pytest.raises(ValueError, match="unknown BN kernel 'fast'"):
         BF.set_kernel("fast")
     assert BF.get_kernel() == "eager"
 
 
 @pytest.mark.parametrize("value,expected", [("compiled", "compiled"), ("", "eager"), ("fast", "eager")])
-def test_kernel_from_the_environment(value, expected):
+def test_kernel_from_the_environment(value, expected, monkeypatch):
     code = (
         "import warnings; warnings.simplefilter('ignore'); import bn_lightning.functional as F; print(F.get_kernel())"
     )
     env = {**os.environ, "BN_LIGHTNING_KERNEL": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+    # in this process too: without a set_kernel choice the variable is read when the kernel is used
+    monkeypatch.setattr(kernels, "_chosen", None)
+    monkeypatch.setattr(kernels, "_warned_env_values", set())
+    monkeypatch.setenv("BN_LIGHTNING_KERNEL", value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert BF.get_kernel() == expected
+        assert BF.get_kernel() == expected
+    assert [str(w.message) for w in caught] == (
+        ["BN_LIGHTNING_KERNEL='fast' is not one of ('eager', 'compiled'); using the eager kernel"]
+        if value == "fast"
+        else []
+    )  # an invalid value warns once
+
+
+def test_kernel_variable_is_read_when_used_not_at_import():
+    code = """
+import os, warnings
+os.environ["BN_LIGHTNING_KERNEL"] = "fast"
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # any warning at import fails the run
+    import bn_lightning
+    import bn_lightning.functional as F
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(F.get_kernel(), F.get_kernel(), len(caught))
+os.environ["BN_LIGHTNING_KERNEL"] = "compiled"
+print(F.get_kernel())
+F.set_kernel("eager")  # an explicit choice wins over the variable
+print(F.get_kernel())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["eager eager 1", "compiled", "eager"], out.stdout + out.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["eager", "compiled"])
 def test_layer_inside_a_torch_compiled_model_matches_torch(kernel, monkeypatch):
     # under torch.compile the eager kernel takes no data-dependent branch (no host reads: see _is_compiling)
-    monkeypatch.setattr(BF, "_kernel", kernel)
+    monkeypatch.setattr(kernels, "_chosen", kernel)
     torch.manual_seed(0)
     ours = nn.Sequential(nn.Conv2d(1, 4, 3), B.BatchNorm2d(4), nn.ReLU())
     ref = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())

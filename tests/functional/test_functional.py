@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from bn_lightning import functional as BF
+from bn_lightning.functional import stats_kernels
+from bn_lightning.functional.channels import _block_size
 
 
 def _ref_stats(x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +54,14 @@ def test_training_output_and_grads_stable_for_large_mean():
     ids=["one-block", "blocked", "channels-last-one-block", "channels-last-blocked"],
 )  # fmt: skip
 def test_every_statistics_path_matches_float64_math(ratio, path, shape, layout, monkeypatch):
-    channel_sum = BF._channel_sum
+    channel_sum = stats_kernels._channel_sum
     g = torch.Generator().manual_seed(7)
     c = shape[1]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     if layout == "nchw":  # the larger shape is cut into cache-sized blocks of the batch (10, 10 and 8 samples)
-        assert len(torch.empty(shape).split(BF._block_size(torch.empty(shape)))) == (1 if shape[0] == 16 else 3)
+        assert len(torch.empty(shape).split(_block_size(torch.empty(shape)))) == (1 if shape[0] == 16 else 3)
     else:  # channels-last: (N*H*W, C) rows, cut into blocks of <= 4096 rows (1 block, or 11)
-        step = BF._channels_last_block_rows(torch.empty(shape).contiguous(memory_format=fmt))
+        step = stats_kernels._channels_last_block_rows(torch.empty(shape).contiguous(memory_format=fmt))
         assert -(-shape[0] * shape[2] * shape[3] // step) == (1 if shape[0] == 16 else 11)
     # per channel exactly `ratio` standard deviations from zero, in float64 before rounding to float32
     z = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -71,8 +73,8 @@ def test_every_statistics_path_matches_float64_math(ratio, path, shape, layout, 
     b = torch.randn(c, generator=g)
 
     calls = []  # on the NCHW layout _channel_sum runs only for the offset pass
-    monkeypatch.setattr(BF, "_channel_sum", lambda *a, **k: calls.append(1) or channel_sum(*a, **k))
-    centered = BF._centered_stats(x)[4]
+    monkeypatch.setattr(stats_kernels, "_channel_sum", lambda *a, **k: calls.append(1) or channel_sum(*a, **k))
+    centered = stats_kernels._centered_stats(x)[4]
     monkeypatch.undo()
     taken = "uncentred" if centered is x else ("offset" if calls else "centred")
     if layout == "channels_last":  # its centred path also sums squares with _channel_sum: only "uncentred" tells

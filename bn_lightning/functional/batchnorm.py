@@ -1,0 +1,178 @@
+"""The forward of a BN layer: :func:`batch_norm` and :func:`batch_norm_with_stats`.
+
+Training-mode BN runs through an autograd Function with a hand-written backward (optionally synchronised by a
+:class:`~bn_lightning.functional.StatsReducer`, optionally with the Batch Renorm correction); eval mode through
+:func:`~bn_lightning.functional.normalize`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from bn_lightning.functional.backward import _finish_grad_input, _grad_reductions, _scaled_grad, grad_input
+from bn_lightning.functional.channels import _affine, _scale_shift
+from bn_lightning.functional.compiled import _compiled_train, _use_compiled
+from bn_lightning.functional.running_stats import normalize, update_running_stats
+from bn_lightning.functional.stats import BatchStats, Count, Renorm, StatsReducer, _add_parts
+from bn_lightning.functional.stats_kernels import _centered_stats
+
+
+class _BatchNormTrainFn(torch.autograd.Function):
+    """Batch-statistics BN with a hand-written backward; optional reducer for synchronised statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, reducer, renorm):  # type: ignore[override]
+        center, offset, var, count, centered, scratch = _centered_stats(x)
+        if reducer is None:
+            mean = _add_parts(center, offset)
+        else:
+            # peers exchange float64 means: a float32 mean is quantised at |mean| * 6e-8
+            local64 = _add_parts(
+                None if center is None else center.double(), None if offset is None else offset.double()
+            )
+            mean64, var, count = reducer.reduce_stats(local64, var, count)
+            mean = mean64.to(var.dtype)
+            offset = mean if center is None else (mean64 - center.double()).to(var.dtype)
+        invstd = torch.rsqrt(var + eps)
+        r = d = None
+        weight_eff, bias_eff = weight, bias
+        if renorm is not None:
+            # Batch Renorm is BN with affine (gamma * r, beta + gamma * d), r and d constants
+            sigma_r = torch.sqrt(renorm.running_var.to(var.dtype) + eps)
+            r = (invstd.reciprocal() / sigma_r).clamp(1 / renorm.r_max, renorm.r_max)
+            d = ((mean - renorm.running_mean.to(mean.dtype)) / sigma_r).clamp(-renorm.d_max, renorm.d_max)
+            gamma = torch.ones_like(r) if weight is None else weight.to(r.dtype)
+            weight_eff = gamma * r
+            bias_eff = gamma * d if bias is None else bias.to(r.dtype) + gamma * d
+        scale, shift = _scale_shift(invstd, weight_eff, bias_eff, offset)
+        y = _affine(centered, scale, shift, x.dtype, out=scratch)
+        ctx.save_for_backward(centered, invstd, weight, weight_eff, offset, r, d)
+        ctx.count = count
+        ctx.reducer = reducer
+        ctx.in_dtype = x.dtype
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors for them in backward
+        return y, mean, var, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
+        centered, invstd, weight, weight_eff, offset, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_out is None:  # not materialised: the output took no part in what was differentiated
+            grad_out = torch.zeros_like(centered, dtype=ctx.in_dtype)
+        sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
+        # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
+        grad_w = None
+        if need_w and weight is not None:
+            grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
+        grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+        if ctx.reducer is None:
+            args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch)
+            grad_x = grad_input(grad_out, centered, invstd, weight_eff, *args) if need_x else None
+            return grad_x, grad_w, grad_b, None, None, None
+        # every rank joins the backward collective, also when it needs no input gradient; where the reducer can
+        # run it asynchronously, dy * gamma * invstd (which needs no global sum) is computed while it is in flight
+        start = getattr(ctx.reducer, "start_reduce_grads", None)
+        finish = None
+        if start is None:
+            sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
+        else:
+            finish = start(sum_dy, sum_dy_xhat)
+        partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
+        if finish is not None:
+            sum_dy, sum_dy_xhat = finish()
+        grad_x = None
+        if partial is not None:
+            args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype)
+            grad_x = _finish_grad_input(partial, centered, invstd, weight_eff, *args)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def batch_norm_with_stats(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    reducer: StatsReducer | None = None,
+    renorm: Renorm | None = None,
+) -> tuple[Tensor, BatchStats | None]:
+    """The forward of a BN layer; returns the output and the batch statistics it normalised with.
+
+    Semantics follow ``torch.nn.functional.batch_norm``: with ``training=True`` (or no running statistics) the batch
+    statistics normalise and, if given, the running buffers are updated
+    (:func:`~bn_lightning.functional.update_running_stats`); otherwise the running statistics normalise
+    (:func:`~bn_lightning.functional.normalize`).
+
+    Args:
+        x: ``(N, C, *)``.
+        running_mean: ``(C,)`` buffer or ``None``.
+        running_var: ``(C,)`` buffer or ``None``.
+        weight: gamma ``(C,)`` or ``None``.
+        bias: beta ``(C,)`` or ``None``.
+        training: use batch statistics (and update the buffers).
+        momentum: exponential-average factor, ``None`` for a cumulative average.
+        eps: added to the variance.
+        num_batches_tracked: counter buffer, incremented when the running statistics are updated.
+        reducer: a :class:`~bn_lightning.functional.StatsReducer` to synchronise statistics across processes
+            (SyncBatchNorm).
+        renorm: a :class:`~bn_lightning.functional.Renorm` correction (Batch Renormalization) for training mode;
+            composes with ``reducer``.
+
+    Returns:
+        ``(y, stats)``: ``stats`` is the detached :class:`~bn_lightning.functional.BatchStats` used (merged over
+        the reducer's group), or ``None`` when the running statistics were used.
+
+    Raises:
+        ValueError: training on a batch with a single value per channel (its variance is undefined).
+    """
+    if not training and running_mean is not None and running_var is not None:
+        return normalize(x, running_mean, running_var, weight, bias, eps), None
+    if reducer is None and x.dim() >= 2 and x.numel() == x.shape[1] and x.shape[1] > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    compiled = _compiled_train(x, weight, bias, eps) if _use_compiled(x, reducer, renorm) else None
+    if compiled is not None:
+        y, mean, var = compiled
+        count: Count = x.numel() // x.shape[1]
+    else:
+        y, mean, var, count = _BatchNormTrainFn.apply(x, weight, bias, eps, reducer, renorm)
+    stats = BatchStats(mean, var, count)
+    if training and (running_mean is not None or running_var is not None):
+        update_running_stats(running_mean, running_var, stats, momentum, num_batches_tracked)
+    return y, stats
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    reducer: StatsReducer | None = None,
+    renorm: Renorm | None = None,
+) -> Tensor:
+    """Batch normalisation, a replacement for ``torch.nn.functional.batch_norm`` built on this module's core.
+
+    Same arguments as :func:`batch_norm_with_stats`; returns only the output.
+
+    Example::
+
+        >>> x = torch.randn(16, 4)
+        >>> y = batch_norm(x, None, None, training=True)
+        >>> torch.allclose(y.mean(0), torch.zeros(4), atol=1e-6)
+        True
+    """
+    return batch_norm_with_stats(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, reducer, renorm
+    )[0]

@@ -1,0 +1,106 @@
+"""Per-channel plumbing shared by the kernels.
+
+The reduced dims, the compute dtype, broadcasting views, cache blocking along the batch, and the per-channel affine
+transform ``x * scale + shift`` that both the training and the eval forward end with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions BN reduces over: all but the channel dimension 1.
+
+    Example::
+
+        >>> reduce_dims(torch.empty(2, 3, 4, 5))
+        (0, 2, 3)
+    """
+    return (0, *range(2, x.dim()))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float64 for float64 inputs, float32 for everything else.
+
+    Example::
+
+        >>> compute_dtype(torch.bfloat16)
+        torch.float32
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-channel ``(C,)`` tensor so that it broadcasts against ``x`` of shape ``(N, C, *)``."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this code: then no path may depend on a value read back to the host."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+_BLOCK_BYTES = 1 << 20  # per operand: the 2-3 operands of a block fit a core's L2 cache (1-2 MB on current x86)
+
+
+def _block_size(t: Tensor) -> int:
+    """Samples per block: batch slices of ``t`` of about :data:`_BLOCK_BYTES` (``t.shape[0]``: no blocking).
+
+    Ops that read the same data one after another (a sum then a sum of squares; a multiply then an add) run block by
+    block (``Tensor.split`` along the batch), so the second op finds the block in cache instead of streaming the whole
+    activation from memory again. Worth it on CPU for activations well above the cache: measured ~15 % off the
+    backward at (64, 64, 32, 32).
+    """
+    n = t.shape[0]
+    per_sample = (t.numel() // n) * t.element_size() if n else 0
+    if t.device.type != "cpu" or n <= 1 or per_sample * n <= 2 * _BLOCK_BYTES:
+        return max(n, 1)
+    return max(1, _BLOCK_BYTES // per_sample)
+
+
+def _split(step: int, *tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
+    """Matching blocks of ``step`` along dim 0 of each tensor; the tensors themselves when one block covers them."""
+    if step >= tensors[0].shape[0]:
+        return (tensors,)
+    return zip(*(t.split(step) for t in tensors), strict=True)
+
+
+def _scale_shift(
+    invstd: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Fold ``(x - mean) * invstd * weight + bias`` into ``x * scale + shift`` (all per channel)."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = None if bias is None else bias.to(invstd.dtype)
+    if mean is not None:
+        shift = -mean * scale if shift is None else torch.addcmul(shift, mean, scale, value=-1)
+    return scale, shift
+
+
+def _affine(
+    x: Tensor, scale: Tensor, shift: Tensor | None, out_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """``x * scale + shift`` (per channel), returned in ``out_dtype``; written into ``out`` (a free buffer) if given.
+
+    A multiply then an in-place add: ATen's vectorised CPU loop takes at most one broadcast operand, so the ternary
+    ``torch.addcmul(shift, x, scale)`` runs scalar code and is slower than both passes together. Reusing a dead
+    activation-sized buffer avoids first-touch page faults on a fresh allocation.
+    """
+    if out is not None and (out.dtype != x.dtype or out.shape != x.shape):
+        out = None
+    scale_v = _channel_view(scale, x)
+    shift_v = None if shift is None else _channel_view(shift, x)
+    step = _block_size(x) if x.dtype == scale.dtype and shift_v is not None else x.shape[0]
+    if step < x.shape[0]:  # multiply and add block by block: the add finds the block in cache
+        y = torch.empty_like(x) if out is None else out
+        for x_block, y_block in _split(step, x, y):
+            torch.mul(x_block, scale_v, out=y_block).add_(shift_v)
+    else:
+        y = x * scale_v if out is None else torch.mul(x, scale_v, out=out)
+        if shift_v is not None:
+            y.add_(shift_v)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
