@@ -1,12 +1,20 @@
 """bn_lightning: the BatchNorm toolkit for PyTorch Lightning.
 
-Flat re-exports of the public API; see the README for a tour.
+Flat re-exports of the public API; see the README for a tour and docs/architecture.md for the floors. The torch-only
+core (layers, functional, conversion, PreciseBN's algorithm, distributed helpers) is imported with the package; the
+Lightning names (:class:`BatchNormModule` and the policies) load on first use, so ``import bn_lightning`` costs no
+Lightning import. Callbacks live in :mod:`bn_lightning.callbacks`, the LayerSync plugin in
+:mod:`bn_lightning.plugins`, the Hydra app in :mod:`bn_lightning.hydra` and :mod:`bn_lightning.app`.
 """
 
-from bn_lightning import functional
-from bn_lightning.callbacks.precise_bn import recalibrate_bn
-from bn_lightning.config import BatchNormPolicy, FreezePolicy, PreciseBNPolicy
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bn_lightning import distributed, functional
 from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
+from bn_lightning.distributed import set_gloo_event_loop_policy
 from bn_lightning.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -20,9 +28,33 @@ from bn_lightning.layers import (
     GhostBatchNorm2d,
     SyncBatchNorm,
     get_batchnorm_class,
-    set_gloo_event_loop_policy,
 )
-from bn_lightning.module import BatchNormModule, ClassificationModule
+from bn_lightning.precise_bn import recalibrate_bn
+
+if TYPE_CHECKING:
+    from bn_lightning.module import BatchNormModule
+    from bn_lightning.policy import BatchNormPolicy, FreezePolicy, PreciseBNPolicy
+
+# Lightning-floor names, imported on first access (PEP 562)
+_LAZY = {
+    "BatchNormModule": "bn_lightning.module",
+    "BatchNormPolicy": "bn_lightning.policy",
+    "FreezePolicy": "bn_lightning.policy",
+    "PreciseBNPolicy": "bn_lightning.policy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bn_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -34,7 +66,6 @@ __all__ = [
     "BatchNormPolicy",
     "BatchRenorm1d",
     "BatchRenorm2d",
-    "ClassificationModule",
     "FreezePolicy",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -47,6 +78,7 @@ __all__ = [
     "bn_param_groups",
     "convert_batchnorm",
     "convert_sync_batchnorm",
+    "distributed",
     "functional",
     "get_batchnorm_class",
     "recalibrate_bn",

@@ -102,10 +102,10 @@ def all_gather(tensor: Tensor, group: Any = None) -> Tensor:
     size = world_size(group)
     if size == 1:
         return tensor.unsqueeze(0).clone()
-    local = tensor.contiguous()
-    gathered = local.new_empty(size * local.numel())  # the flat form: every backend accepts it
-    wait(_all_gather_single(gathered, local, group=group, async_op=True), on_cpu=local.device.type == "cpu")
-    return gathered.view(size, *local.shape)
+    flat = tensor.reshape(-1).contiguous()  # gathered 1-D: every backend takes the concatenation of 1-D tensors
+    gathered = flat.new_empty(size * flat.numel())
+    wait(_all_gather_single(gathered, flat, group=group, async_op=True), on_cpu=flat.device.type == "cpu")
+    return gathered.view(size, *tensor.shape)
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None, async_op: bool = False) -> Any:

@@ -88,10 +88,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
+from bn_lightning.app.data import SyntheticImageDataModule
+from bn_lightning.app.models import ResNet20
 from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
-from bn_lightning.data import SyntheticImageDataModule
-from bn_lightning.models import ResNet20
-from bn_lightning.module import ClassificationModule
+from bn_lightning.module import BatchNormModule
 
 PERIOD = 50  # the Trainer's log_every_n_steps, the callbacks' default record period and wandb's log_freq
 BATCH = 64
@@ -152,7 +152,7 @@ class Candidate:
     """One benchmarked configuration: its model, loader, logger and callbacks, and its results."""
 
     name: str
-    module: ClassificationModule
+    module: BatchNormModule
     loader: DataLoader
     logger: Logger
     callbacks: list[Callback]
@@ -227,7 +227,7 @@ def make_candidates(names: list[str], tmp: str, batches: int, seed: int) -> dict
     data: TensorDataset = dm.train_set  # type: ignore[assignment]
     candidates = {}
     for name in names:
-        module = ClassificationModule(copy.deepcopy(net), num_classes=10)
+        module = BatchNormModule(copy.deepcopy(net), num_classes=10)
         sampler = RandomSampler(data, True, BATCH * batches, generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(data, batch_size=BATCH, sampler=sampler, drop_last=True)
         callbacks: list[Callback] = []
@@ -333,24 +333,25 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
         ]
         return max(found, default=(0.0, 0))
 
-    cb, mon, drift = (
-        "bn_lightning/callbacks/_base.py",
+    cb, rec, mon, drift = (
+        "bn_lightning/callbacks/base.py",
+        "bn_lightning/callbacks/recorder.py",
         "bn_lightning/callbacks/monitor.py",
         "bn_lightning/callbacks/drift.py",
     )
     rows = []
     for label, file_part, func, line in [
         ("optimizer step closure (fwd + bwd + SGD)", "lightning/pytorch/loops/optimization/automatic.py", "run", None),
-        ("  BN pre-forward hooks (stash, shared)", cb, "_pre", None),
-        ("  BN forward hooks (stash, samples, shared)", cb, "_post", None),
+        ("  BN pre-forward hooks (stash, shared)", rec, "_pre", None),
+        ("  BN forward hooks (stash, samples, shared)", rec, "_post", None),
         ("callbacks' on_train_batch_start", cb, "on_train_batch_start", None),
         ("callbacks' on_train_batch_end (both)", cb, "on_train_batch_end", None),
-        ("  _Recorder.batch (pack all layers, shared)", cb, "batch", None),
-        ("  BatchNormMonitor._compute (all layers)", mon, "_compute", None),
-        ("  RunningStatDrift._compute (all layers)", drift, "_compute", None),
+        ("  BatchNormRecorder.batch (pack all layers, shared)", rec, "batch", None),
+        ("  BatchNormMonitor.compute (all layers)", mon, "compute", None),
+        ("  RunningStatDrift.compute (all layers)", drift, "compute", None),
         ("  _log -> CSVLogger.log_metrics", cb, "_log", None),
-        ("  BatchNormMonitor._on_record", mon, "_on_record", None),
-        ("  RunningStatDrift._on_record (checks)", drift, "_on_record", None),
+        ("  BatchNormMonitor.on_record", mon, "on_record", None),
+        ("  RunningStatDrift.on_record (checks)", drift, "on_record", None),
         ("CSVLogger.save (flush)", "lightning/fabric/loggers/csv_logs.py", "save", None),  # nested: outer
     ]:
         total, calls = cumulative(file_part, func, line)

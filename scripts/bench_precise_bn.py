@@ -42,8 +42,8 @@ from _bench import (
 )
 from torch import Tensor, nn
 
-from bn_lightning.callbacks.precise_bn import recalibrate_bn
-from bn_lightning.models import ResNet20
+from bn_lightning.app.models import ResNet20
+from bn_lightning.precise_bn import recalibrate_bn
 
 NORMS = ("torch", "scratch")
 CANDIDATES = ("precise_bn", "fwd_train", "fwd_eval")

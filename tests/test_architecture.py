@@ -164,3 +164,15 @@ def test_every_environment_knob_is_documented_in_one_table():
     docs = {p.name: p.read_text() for p in (PACKAGE.parent / "docs").glob("*.md")}
     tables = [name for name, text in docs.items() if all(f"| `{knob}`" in text for knob in knobs)]
     assert len(tables) == 1, f"knobs {sorted(knobs)} must all be rows of one table in docs/; found in {tables}"
+
+
+def test_importing_the_package_loads_the_core_only():
+    code = (
+        "import sys, bn_lightning, bn_lightning.precise_bn, bn_lightning.distributed\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra'}))\n"
+        "bn_lightning.BatchNormModule  # the Lightning names load on first use\n"
+        "print('lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["[]", "True"], out.stdout

@@ -53,19 +53,23 @@ def test_without_a_process_group_collectives_are_identities():
 def _collectives_worker(rank, world):
     x = torch.tensor([float(rank), 10.0 + rank])
     gathered = distributed.all_gather(x)
+    matrix = distributed.all_gather(torch.full((2, 3), float(rank)))
+    scalar = distributed.all_gather(torch.tensor(rank + 0.5))
     summed = distributed.all_reduce_sum(x.clone())
     work = distributed.all_reduce_sum(y := x.clone() * 2, async_op=True)
     distributed.wait(work, on_cpu=True)
-    return distributed.is_distributed(), distributed.world_size(), gathered, summed, y
+    return distributed.is_distributed(), distributed.world_size(), gathered, summed, y, matrix, scalar
 
 
 @pytest.mark.ddp
 def test_collectives_over_gloo_match_the_reference():
-    for is_dist, world, gathered, summed, doubled in run_distributed(_collectives_worker, 2):
+    for is_dist, world, gathered, summed, doubled, matrix, scalar in run_distributed(_collectives_worker, 2):
         assert is_dist and world == 2
         assert torch.equal(gathered, torch.tensor([[0.0, 10.0], [1.0, 11.0]]))
         assert torch.equal(summed, torch.tensor([1.0, 21.0]))
         assert torch.equal(doubled, torch.tensor([2.0, 42.0]))
+        assert torch.equal(matrix, torch.stack([torch.zeros(2, 3), torch.ones(2, 3)]))
+        assert torch.equal(scalar, torch.tensor([0.5, 1.5]))
 
 
 def test_cpu_collective_is_polled_until_complete_then_waited(monkeypatch):
@@ -117,9 +121,7 @@ def test_invalid_spin_budget_warns_and_uses_the_default(monkeypatch, raw):
 
 
 def test_unknown_policy_is_a_value_error_naming_the_choices():
-    with pytest.raises(
-        ValueError, match=r"policy must be one of \('idle', 'normal'\), got 'low'"
-    ):
+    with pytest.raises(ValueError, match=r"policy must be one of \('idle', 'normal'\), got 'low'"):
         distributed.set_gloo_event_loop_policy("low")
 
 

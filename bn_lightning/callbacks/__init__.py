@@ -3,14 +3,27 @@
 Watch: :class:`BatchNormMonitor` (activation statistics), :class:`RunningStatDrift` (running-stat drift, health).
 Repair: :class:`PreciseBN` / :func:`recalibrate_bn` (population statistics), :class:`BatchNormGap` (what the running
 statistics cost), :class:`BatchNormFreeze` (freezing done right).
+
+One callback per module; the watching callbacks share the machinery beside them:
+
+- :mod:`~bn_lightning.callbacks.base`: :class:`BatchNormCallbackBase`, the abstract base (when to record, one
+  reduction and one host copy per record, logging, checkpoints);
+- :mod:`~bn_lightning.callbacks.recorder`: :class:`~bn_lightning.callbacks.recorder.BatchNormRecorder`, the forward
+  hooks and their stashes, a plain object, shared per model through :mod:`~bn_lightning.callbacks.registry`;
+- :mod:`~bn_lightning.callbacks.discovery` (:func:`find_batchnorm_layers`), :mod:`~bn_lightning.callbacks.recovery`
+  (batch statistics from the running-stat update), :mod:`~bn_lightning.callbacks.sampling` (bounded samples),
+  :mod:`~bn_lightning.callbacks.packing` (many small tensors in one gather), :mod:`~bn_lightning.callbacks.reduction`
+  (one collective across ranks).
 """
 
-from bn_lightning.callbacks._base import BatchNormCallbackBase, find_batchnorm_layers
+from bn_lightning.callbacks.base import BatchNormCallbackBase
+from bn_lightning.callbacks.discovery import find_batchnorm_layers
 from bn_lightning.callbacks.drift import BatchNormHealthError, RunningStatDrift
 from bn_lightning.callbacks.freeze import BatchNormFreeze
 from bn_lightning.callbacks.gap import BatchNormGap
 from bn_lightning.callbacks.monitor import BatchNormMonitor
-from bn_lightning.callbacks.precise_bn import PreciseBN, recalibrate_bn
+from bn_lightning.callbacks.precise_bn import PreciseBN
+from bn_lightning.precise_bn import recalibrate_bn
 
 __all__ = [
     "BatchNormCallbackBase",

@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from bn_lightning.callbacks._base import BatchNormCallbackBase, LayerBatch
+from bn_lightning.callbacks.base import BatchNormCallbackBase
+from bn_lightning.callbacks.recorder import LayerBatch
+from bn_lightning.validation import check_choice, check_int, check_number, check_probability
 
 __all__ = ["CHECKS", "BatchNormHealthError", "RunningStatDrift", "gaussian_kl"]
 
@@ -109,27 +111,15 @@ class RunningStatDrift(BatchNormCallbackBase):
     ) -> None:
         super().__init__(log_every_n_steps, include, exclude, prefix)
         self.actions = {check: "warn" for check in CHECKS}
+        owner = type(self).__name__
         for check, action in dict(actions or {}).items():
-            if check not in CHECKS:
-                raise ValueError(f"Unknown health check {check!r} in actions; expected one of {list(CHECKS)}")
-            if action not in ACTIONS:
-                raise ValueError(f"actions[{check!r}] must be one of {list(ACTIONS)}, got {action!r}")
-            self.actions[check] = action
-        if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
-            raise ValueError(f"min_batch_size must be a positive int, got {min_batch_size!r}")
-        if not collapse_var > 0:
-            raise ValueError(f"collapse_var must be > 0, got {collapse_var!r}")
-        if not max_drift_kl > 0:
-            raise ValueError(f"max_drift_kl must be > 0, got {max_drift_kl!r}")
-        if not 0 <= max_collapsed_frac <= 1:
-            raise ValueError(f"max_collapsed_frac must be in [0, 1], got {max_collapsed_frac!r}")
-        if not isinstance(drift_warmup_steps, int) or drift_warmup_steps < 0:
-            raise ValueError(f"drift_warmup_steps must be a non-negative int, got {drift_warmup_steps!r}")
-        self.drift_warmup_steps = drift_warmup_steps
-        self.min_batch_size = min_batch_size
-        self.max_drift_kl = max_drift_kl
-        self.collapse_var = collapse_var
-        self.max_collapsed_frac = max_collapsed_frac
+            check_choice(owner, "a health check in actions", check, CHECKS)
+            self.actions[check] = check_choice(owner, f"actions[{check!r}]", action, ACTIONS)
+        self.min_batch_size = check_int(owner, "min_batch_size", min_batch_size)
+        self.max_drift_kl = check_number(owner, "max_drift_kl", max_drift_kl, low=0, low_open=True)
+        self.collapse_var = check_number(owner, "collapse_var", collapse_var, low=0, low_open=True)
+        self.max_collapsed_frac = check_probability(owner, "max_collapsed_frac", max_collapsed_frac)
+        self.drift_warmup_steps = check_int(owner, "drift_warmup_steps", drift_warmup_steps, minimum=0)
         self._previous_dict: dict[str, tuple[Tensor, Tensor]] = {}
         # the running statistics at the previous record, packed like LayerBatch.running, and which rows hold them;
         # while set, they are the truth and _previous_dict is stale
@@ -177,11 +167,13 @@ class RunningStatDrift(BatchNormCallbackBase):
             self._previous_stack = (stack, valid)
         return self._previous_stack
 
-    def _extra_width(self) -> int:
+    @override
+    def extra_width(self) -> int:
         # every rank's running_mean and running_var (padded to the widest layer) ride in the same all-gather
         return 2 * self._max_channels
 
-    def _compute(self, batch: LayerBatch) -> Tensor:
+    @override
+    def compute(self, batch: LayerBatch) -> Tensor:
         mean, var, mask, n, eps = batch.mean, batch.var, batch.mask, batch.channels, batch.eps
         rm0, rv0 = batch.before[:, 0], batch.before[:, 1]
         running = batch.running
@@ -210,7 +202,8 @@ class RunningStatDrift(BatchNormCallbackBase):
 
     DERIVED = ("rank_disagreement",)
 
-    def _derive(self, per_rank: Tensor) -> Tensor:
+    @override
+    def derive(self, per_rank: Tensor) -> Tensor:
         k, width = len(self.STATS), self._max_channels
         rm = per_rank[:, :, k : k + width]  # (world, layers, channels), NaN-padded
         rv = per_rank[:, :, k + width : k + 2 * width]
@@ -219,7 +212,8 @@ class RunningStatDrift(BatchNormCallbackBase):
         spread = ((rm - rm.mean(0, keepdim=True)).abs() / std).nan_to_num(nan=-1.0).amax(dim=(0, 2))
         return torch.where(spread >= 0, spread, float("nan")).unsqueeze(1)
 
-    def _on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
+    @override
+    def on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
         for layer, stats in values.items():
             self._check(layer, step, stats)
 

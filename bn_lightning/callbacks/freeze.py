@@ -26,14 +26,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from bn_lightning.callbacks._base import find_batchnorm_layers
+from bn_lightning.callbacks.discovery import find_batchnorm_layers
+from bn_lightning.validation import check_bool, check_int, check_patterns
 
 __all__ = ["BatchNormFreeze"]
-
-
-def _check_epoch_or_step(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{name} must be None or a non-negative int, got {value!r}")
 
 
 class BatchNormFreeze(Callback):
@@ -101,28 +97,27 @@ class BatchNormFreeze(Callback):
         freeze_affine: bool = False,
         unfreeze_at_epoch: int | None = None,
     ) -> None:
-        _check_epoch_or_step("freeze_at_epoch", freeze_at_epoch)
-        _check_epoch_or_step("freeze_at_step", freeze_at_step)
-        _check_epoch_or_step("unfreeze_at_epoch", unfreeze_at_epoch)
+        for arg, value in (
+            ("freeze_at_epoch", freeze_at_epoch),
+            ("freeze_at_step", freeze_at_step),
+            ("unfreeze_at_epoch", unfreeze_at_epoch),
+        ):
+            check_int("BatchNormFreeze", arg, value, minimum=0, optional=True)
         if freeze_at_epoch is not None and freeze_at_step is not None:
             raise ValueError(
-                f"give at most one of freeze_at_epoch ({freeze_at_epoch!r}) and freeze_at_step ({freeze_at_step!r})"
+                f"BatchNormFreeze: give at most one of freeze_at_epoch ({freeze_at_epoch!r}) and freeze_at_step "
+                f"({freeze_at_step!r})"
             )
         if unfreeze_at_epoch is not None and unfreeze_at_epoch <= (freeze_at_epoch or 0):
             raise ValueError(
-                f"unfreeze_at_epoch must be greater than the freeze epoch ({freeze_at_epoch or 0}), "
+                f"BatchNormFreeze: unfreeze_at_epoch must be greater than the freeze epoch ({freeze_at_epoch or 0}), "
                 f"got {unfreeze_at_epoch!r}"
             )
-        for arg, value in (("include", include), ("exclude", exclude)):
-            if isinstance(value, str):
-                raise TypeError(f"{arg} must be a sequence of name patterns, got the string {value!r}")
-        if not isinstance(freeze_affine, bool):
-            raise TypeError(f"freeze_affine must be a bool, got {freeze_affine!r}")
         self.freeze_at_epoch = freeze_at_epoch
         self.freeze_at_step = freeze_at_step
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
-        self.freeze_affine = freeze_affine
+        self.include = check_patterns("BatchNormFreeze", "include", include)
+        self.exclude = check_patterns("BatchNormFreeze", "exclude", exclude)
+        self.freeze_affine = check_bool("BatchNormFreeze", "freeze_affine", freeze_affine)
         self.unfreeze_at_epoch = unfreeze_at_epoch
         #: whether the layers are frozen now
         self.frozen = False

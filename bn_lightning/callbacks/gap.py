@@ -16,16 +16,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import override
 
-from bn_lightning.callbacks._base import find_batchnorm_layers
-from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
-from bn_lightning.layers.sync import SyncBatchNorm, _wait
+from bn_lightning import distributed
+from bn_lightning.callbacks.discovery import find_batchnorm_layers
+from bn_lightning.layers import SyncBatchNorm, has_batch_stats
+from bn_lightning.validation import check_callable, check_int
 
 __all__ = ["BatchNormGap"]
 
@@ -72,11 +72,6 @@ def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
 def _scalar(value: Any, like: Tensor) -> Tensor:
     """A 0-d tensor of ``like``'s dtype and device (a non-scalar loss, e.g. ``reduction="none"``, is averaged)."""
     return torch.as_tensor(value).detach().to(device=like.device, dtype=like.dtype).mean()
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    _wait(dist.all_reduce(t, async_op=True), t.device.type == "cpu")  # one collective for all the sums
-    return t
 
 
 def _first_loader(loaders: Any) -> Iterable | None:
@@ -167,16 +162,13 @@ class BatchNormGap(Callback):
         metric_fn: Callable[[Any, Any], Any] | None = None,
         prefix: str = "bn",
     ) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-        for arg, value in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
-            if value is not None and not callable(value):
-                raise TypeError(f"{arg} must be None or a callable (outputs, targets) -> scalar, got {value!r}")
+        self.num_batches = check_int("BatchNormGap", "num_batches", num_batches)
+        self.loss_fn = check_callable("BatchNormGap", "loss_fn", loss_fn, "(outputs, targets) -> scalar", optional=True)
+        self.metric_fn = check_callable(
+            "BatchNormGap", "metric_fn", metric_fn, "(outputs, targets) -> scalar", optional=True
+        )
         if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-        self.num_batches = num_batches
-        self.loss_fn = loss_fn
-        self.metric_fn = metric_fn
+            raise ValueError(f"BatchNormGap: prefix must be a non-empty string, got {prefix!r}")
         self.prefix = prefix
         #: the latest measurement (short keys: "loss", "loss_running", "loss_batch", "metric", ...); {} before any
         self.last: dict[str, float] = {}
@@ -235,7 +227,7 @@ class BatchNormGap(Callback):
         modes = [(m, m.training) for m in module.modules()]
         buffers = [(b, b.detach().clone()) for layer in layers for b in layer.buffers(recurse=False)]
         scratch = [(layer, layer.__dict__.get("last_batch_stats", _MISSING)) for layer in layers]
-        scratch = [(layer, s) for layer, s in scratch if isinstance(layer, ScratchBatchNormMixin)]
+        scratch = [(layer, s) for layer, s in scratch if has_batch_stats(layer)]
         sums: Tensor | None = None
         try:
             with torch.no_grad():
@@ -302,8 +294,8 @@ class BatchNormGap(Callback):
 
     def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Iterable) -> Iterator[Any]:
         host = itertools.islice(loader, self.num_batches)
-        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        if distributed and any(isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm)) for m in pl_module.modules()):
+        syncs = any(isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm)) for m in pl_module.modules())
+        if syncs and distributed.world_size() > 1:
             # SyncBatchNorm communicates in training mode: every rank must run the same number of batch passes
             held = list(host)
             counts = trainer.strategy.all_gather(torch.tensor(len(held), device=trainer.strategy.root_device))
@@ -320,8 +312,7 @@ class BatchNormGap(Callback):
         loader = _first_loader(trainer.val_dataloaders)
         if loader is None:
             return
-        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        reduce = _all_reduce_sum if distributed else None
+        reduce = distributed.all_reduce_sum if distributed.world_size() > 1 else None  # one collective, all sums
         with trainer.precision_plugin.forward_context():
             values = self.measure(pl_module, self._batches(trainer, pl_module, loader), reduce=reduce)
         if not values:

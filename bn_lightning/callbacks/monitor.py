@@ -12,8 +12,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from bn_lightning.callbacks._base import BatchNormCallbackBase, LayerBatch, _sample_plan
+from bn_lightning.callbacks.base import BatchNormCallbackBase
+from bn_lightning.callbacks.recorder import LayerBatch
+from bn_lightning.callbacks.sampling import sample_plan
+from bn_lightning.validation import check_int, check_number
 
 __all__ = ["BatchNormMonitor", "sample_flat"]
 
@@ -35,7 +39,7 @@ def sample_flat(t: Tensor, k: int, cache: dict[Any, Any] | None = None) -> tuple
         >>> len(values), bool(((values // 4) % 3 == channels).all())
         (5, True)
     """
-    source, idx, channels = _sample_plan(t, k, cache)
+    source, idx, channels = sample_plan(t, k, cache)
     return torch.take(source, idx), channels
 
 
@@ -112,30 +116,24 @@ class BatchNormMonitor(BatchNormCallbackBase):
         prefix: str = "bn",
     ) -> None:
         super().__init__(log_every_n_steps, include, exclude, prefix)
-        for arg, value in (("bins", bins), ("sample_size", sample_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        for arg, value in (
-            ("hist_range", hist_range),
-            ("collapse_var", collapse_var),
-            ("near_zero_gamma", near_zero_gamma),
-        ):
-            if not value > 0:
-                raise ValueError(f"{arg} must be > 0, got {value!r}")
+        owner = type(self).__name__
         self.histogram = histogram
-        self.bins = bins
-        self.hist_range = float(hist_range)
-        self.sample_size = sample_size
-        self.collapse_var = collapse_var
-        self.near_zero_gamma = near_zero_gamma
+        self.bins = check_int(owner, "bins", bins)
+        self.hist_range = float(check_number(owner, "hist_range", hist_range, low=0, low_open=True))
+        self.sample_size = check_int(owner, "sample_size", sample_size)
+        self.collapse_var = check_number(owner, "collapse_var", collapse_var, low=0, low_open=True)
+        self.near_zero_gamma = check_number(owner, "near_zero_gamma", near_zero_gamma, low=0, low_open=True)
 
-    def _extra_width(self) -> int:
+    @override
+    def extra_width(self) -> int:
         return self.bins if self.histogram else 0
 
-    def _sample_request(self) -> tuple[int, bool]:
+    @override
+    def sample_request(self) -> tuple[int, bool]:
         return self.sample_size, self.histogram
 
-    def _compute(self, batch: LayerBatch) -> Tensor:
+    @override
+    def compute(self, batch: LayerBatch) -> Tensor:
         mean, var, mask, n = batch.mean, batch.var, batch.mask, batch.channels
         std = var.clamp(min=0).sqrt()
         inf = torch.inf
@@ -176,7 +174,8 @@ class BatchNormMonitor(BatchNormCallbackBase):
         counts = torch.zeros(xhat.shape[0] * bins, device=xhat.device)
         return counts.index_add_(0, pos.view(-1), valid.view(-1).float()).view(-1, bins)
 
-    def _on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
+    @override
+    def on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
         if not (self.histogram and trainer.is_global_zero and trainer.loggers):
             return
         lim, bins = self.hist_range, self.bins

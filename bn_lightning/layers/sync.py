@@ -173,5 +173,3 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
     def _stats_reducer(self) -> StatsReducer | None:
         return group_reducer(self, self.process_group)
 
-
-_wait = distributed.wait  # TEMPORARY shim while callbacks move to bn_lightning.distributed (removed before commit)

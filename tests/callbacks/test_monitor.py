@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bn_lightning
-from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift, find_batchnorm_layers
-from bn_lightning.callbacks._base import _Recorder
+from bn_lightning.callbacks import BatchNormCallbackBase, BatchNormMonitor, RunningStatDrift, find_batchnorm_layers
 from bn_lightning.callbacks.drift import gaussian_kl
+from bn_lightning.callbacks.recorder import BatchNormRecorder
 from tests.helpers.lightning_ddp_callbacks import CapturingLogger
 from tests.helpers.tiny import TinyBNNet
 
@@ -331,7 +331,7 @@ def test_all_layers_of_a_mixed_model_match_independent_computation(tmp_path, mon
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, monkeypatch, cls):
     computed, stashed = [], []
-    compute, post = cls._compute, _Recorder._post
+    compute, post = cls.compute, BatchNormRecorder._post
 
     def computing(self, batch):
         computed.append((self.batches_seen, batch.ran_list))
@@ -342,8 +342,8 @@ def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, 
             stashed.append(layer.training)
         return post(self, layer, args, output)
 
-    monkeypatch.setattr(cls, "_compute", computing)
-    monkeypatch.setattr(_Recorder, "_post", stashing)
+    monkeypatch.setattr(cls, "compute", computing)
+    monkeypatch.setattr(BatchNormRecorder, "_post", stashing)
     cb = cls(log_every_n_steps=3)
     data = torch.cat([_fixed_batch()] * 2)[:28]  # 7 batches of 4
     logger, trainer = _fit(ConvBN(_bn("torch"), capture=False), [cb], tmp_path, data=data, batch_size=4, max_steps=7)
@@ -374,14 +374,14 @@ def test_hooks_installed_for_fit_and_removed_at_teardown(tmp_path, cls):
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_validation_and_sanity_check_neither_record_nor_touch_state(tmp_path, monkeypatch, cls):
     modes = []
-    original = _Recorder._post
+    original = BatchNormRecorder._post
 
     def spying(self, layer, args, output):
         if self.armed:
             modes.append(layer.training)
         return original(self, layer, args, output)
 
-    monkeypatch.setattr(_Recorder, "_post", spying)
+    monkeypatch.setattr(BatchNormRecorder, "_post", spying)
     g = torch.Generator().manual_seed(3)
     train = torch.randn(24, 3, 6, 6, generator=g)  # 6 different batches of 4: the velocities are not zero
     val = torch.randn(8, 3, 6, 6, generator=g) * 5 + 3
@@ -525,3 +525,24 @@ def test_default_callbacks_just_work(tmp_path, with_bn):
         assert sum("no BatchNorm layer" in str(w.message) for w in record) == 2
         assert logger.bn_rows() == []
         assert [cb.records for cb in callbacks] == [0, 0]
+
+
+def test_the_base_is_abstract_and_a_subclass_needs_only_compute_and_on_record(tmp_path):
+    with pytest.raises(TypeError, match="abstract"):
+        BatchNormCallbackBase()
+
+    class Means(BatchNormCallbackBase):
+        STATS = {"batch_mean": "mean"}
+
+        def compute(self, batch):
+            values = (batch.mean.sum(1) / batch.channels).unsqueeze(1)
+            return torch.where(batch.ran.unsqueeze(1), values, float("nan"))
+
+        def on_record(self, trainer, values, extras, step):
+            self.seen = values
+
+    cb = Means(log_every_n_steps=1)
+    module = ConvBN(_bn("torch"))
+    _fit(module, [cb], tmp_path, max_steps=1)
+    expected = module.inputs[0].mean(dim=(0, 2, 3)).mean().item()
+    assert cb.seen["bn"]["batch_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-6)

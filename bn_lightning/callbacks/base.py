@@ -1,0 +1,227 @@
+"""The base of the callbacks that watch BN layers during training: :class:`BatchNormCallbackBase`.
+
+A subclass says WHAT to compute from a step's packed statistics (:meth:`~BatchNormCallbackBase.compute`) and what to
+do with the numbers (:meth:`~BatchNormCallbackBase.on_record`); the base decides WHEN (every ``log_every_n_steps``
+training batches), shares one :class:`~bn_lightning.callbacks.recorder.BatchNormRecorder` per model with the other
+BN callbacks, reduces the ``(layers, values)`` tensor with ONE collective under DDP, copies it to the host ONCE,
+hands plain floats to ``on_record`` on every rank (so decisions that raise are taken identically everywhere) and
+logs them on rank zero only.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from bn_lightning.callbacks import registry
+from bn_lightning.callbacks.discovery import find_batchnorm_layers
+from bn_lightning.callbacks.recorder import BatchNormRecorder, LayerBatch
+from bn_lightning.callbacks.reduction import reduce_across_ranks
+from bn_lightning.validation import check_int, check_patterns
+
+__all__ = ["BatchNormCallbackBase"]
+
+
+class BatchNormCallbackBase(Callback, abc.ABC):
+    """Base of :class:`~bn_lightning.callbacks.BatchNormMonitor` and :class:`~bn_lightning.callbacks.RunningStatDrift`.
+
+    Extension points: :meth:`compute` and :meth:`on_record` (abstract), and, when needed, :meth:`sample_request`,
+    :meth:`extra_width` and :meth:`derive` (with :attr:`DERIVED`). Metric keys are ``<prefix>/<layer>/<stat>``.
+
+    Args:
+        log_every_n_steps: record every this many training batches; ``None`` uses the Trainer's
+            ``log_every_n_steps``.
+        include: ``fnmatch`` patterns of BN layer names (qualified, e.g. ``"net.features.*"``) to watch.
+        exclude: patterns of BN layer names to skip.
+        prefix: metric key prefix.
+
+    Raises:
+        ValueError: ``log_every_n_steps`` is neither ``None`` nor a positive int.
+        TypeError: ``include`` or ``exclude`` is not a list of patterns.
+
+    Example::
+
+        >>> class BatchMean(BatchNormCallbackBase):
+        ...     STATS = {"batch_mean": "mean"}
+        ...
+        ...     def compute(self, batch):
+        ...         values = (batch.mean.sum(1) / batch.channels).unsqueeze(1)
+        ...         return torch.where(batch.ran.unsqueeze(1), values, float("nan"))
+        ...
+        ...     def on_record(self, trainer, values, extras, step):
+        ...         pass
+        >>> BatchMean(log_every_n_steps=10).log_every_n_steps
+        10
+    """
+
+    #: stat name -> cross-rank reduction (one of :data:`~bn_lightning.callbacks.reduction.REDUCTIONS`)
+    STATS: ClassVar[dict[str, str]] = {}
+    #: stats computed under DDP from every rank's values (see :meth:`derive`)
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        prefix: str = "bn",
+    ) -> None:
+        owner = type(self).__name__
+        self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, optional=True)
+        self.include = check_patterns(owner, "include", include)
+        self.exclude = check_patterns(owner, "exclude", exclude)
+        self.prefix = prefix
+        self._layers: dict[str, _BatchNorm] = {}
+        self._recorder: BatchNormRecorder | None = None
+        self._armed = False
+        self.batches_seen = 0
+        self.records = 0
+
+    # ------------------------------------------------------------------ extension points
+
+    @abc.abstractmethod
+    def compute(self, batch: LayerBatch) -> Tensor:
+        """The values of :attr:`STATS` (in order) then the extra columns, ``(layers, columns)`` on the device.
+
+        Rows of layers that did not run in the step (``batch.ran`` false) must be NaN.
+        """
+
+    @abc.abstractmethod
+    def on_record(
+        self, trainer: pl.Trainer, values: dict[str, dict[str, float]], extras: dict[str, list[float]], step: int
+    ) -> None:
+        """Called on EVERY rank after a record (after the base logged ``values`` on rank zero).
+
+        Args:
+            trainer: the Trainer.
+            values: layer -> stat -> reduced value (NaN values dropped; layers no rank ran are absent).
+            extras: layer -> the extra columns (see :meth:`extra_width`), summed across ranks.
+            step: ``trainer.global_step``.
+        """
+
+    def sample_request(self) -> tuple[int, bool] | None:
+        """``(k, with_input)``: the hooks keep ``k``-element samples of the output (and input) on recording steps."""
+        return None
+
+    def extra_width(self) -> int:
+        """Number of extra (unnamed, summed across ranks) columns after :attr:`STATS`, e.g. histogram bins."""
+        return 0
+
+    def derive(self, per_rank: Tensor) -> Tensor:
+        """Under DDP: the :attr:`DERIVED` statistics ``(layers, len(DERIVED))`` of the per-rank values.
+
+        ``per_rank`` is ``(world, layers, columns)``; computed on the device, before the host copy. Subclasses that
+        declare :attr:`DERIVED` must override it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares DERIVED = {self.DERIVED} but no derive()")
+
+    # ------------------------------------------------------------------ hooks
+
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        self._remove()
+        self._layers = find_batchnorm_layers(pl_module, self.include, self.exclude)
+        if self._layers:
+            self._recorder = registry.subscribe(pl_module, self, list(self._layers.values()))
+
+    def _remove(self) -> None:
+        if self._recorder is not None:
+            registry.unsubscribe(self._recorder, self)
+            self._recorder = None
+        self._armed = False
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the BN layers being watched (after the fit started)."""
+        return list(self._layers)
+
+    def _every(self, trainer: pl.Trainer) -> int:
+        return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the strategy set up the model: a LayerSync plugin has already converted the layers
+        self._install(pl_module)
+        if not self._layers:
+            rank_zero_warn(f"{type(self).__name__}: the model has no BatchNorm layer to watch; it will log nothing.")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call teardown after an exception: without this the hooks stay on the model (armed, if
+        # the exception came mid-step)
+        self._remove()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._armed = bool(self._layers) and self.batches_seen % self._every(trainer) == 0
+        if self._recorder is not None:
+            self._recorder.begin(self, self._armed, self.sample_request() if self._armed else None)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        armed, self._armed = self._armed, False
+        self.batches_seen += 1
+        if not armed or self._recorder is None:
+            return
+        self._recorder.end(self)
+        # a row for EVERY watched layer (NaN where this rank did not run it): every rank sends the same shape
+        local = self.compute(self._recorder.batch_for(self, pl_module.device)).float()
+        hows = list(self.STATS.values()) + ["sum"] * self.extra_width()
+        reduced, per_rank = reduce_across_ranks(local, hows)
+        names = list(self.STATS)
+        if per_rank.shape[0] > 1 and self.DERIVED:  # statistics of the per-rank values, still on the device
+            reduced = torch.cat([reduced[:, : len(names)], self.derive(per_rank), reduced[:, len(names) :]], dim=1)
+            names += list(self.DERIVED)
+        host = reduced.cpu()  # the ONE host transfer of this record
+        values: dict[str, dict[str, float]] = {}
+        extras: dict[str, list[float]] = {}
+        k = len(names)
+        for name, row in zip(self._layers, host.tolist(), strict=True):
+            stats = row[:k]
+            if all(v != v for v in stats):  # all NaN: no rank ran this layer in this step
+                continue
+            values[name] = {key: v for key, v in zip(names, stats, strict=True) if v == v}
+            extras[name] = row[k:]
+        step = trainer.global_step
+        self.records += 1
+        self._log(trainer, values, step)
+        self.on_record(trainer, values, extras, step)
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, dict[str, float]], step: int) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics = {f"{self.prefix}/{layer}/{stat}": v for layer, stats in values.items() for stat, v in stats.items()}
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, include=self.include, exclude=self.exclude)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen, "records": self.records}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_seen = int(state_dict.get("batches_seen", 0))
+        self.records = int(state_dict.get("records", 0))
