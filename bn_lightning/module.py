@@ -1,22 +1,20 @@
 """The LightningModule that trains any backbone under a BatchNorm policy.
 
 Provides :class:`BatchNormModule` (a backbone, a loss, optimizer and scheduler factories in Hydra's ``_partial_``
-style, and a :class:`~bn_lightning.config.BatchNormPolicy` it applies), :class:`ClassificationModule` (the same with
-``num_classes`` defaulting to 10, the name older code and checkpoints use) and :func:`default_optimizer` (the SGD
-both fall back to).
+style, and a :class:`~bn_lightning.policy.BatchNormPolicy` it applies) and :func:`default_optimizer` (the SGD it
+falls back to).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -25,13 +23,15 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from bn_lightning.config import BatchNormPolicy
+from bn_lightning.callbacks import BatchNormFreeze, PreciseBN
 from bn_lightning.convert import bn_param_groups, convert_batchnorm
+from bn_lightning.layers.frozen import FrozenBatchNormBase
+from bn_lightning.policy import BatchNormPolicy
+from bn_lightning.validation import selected
 
 __all__ = [
     "DEFAULT_OPTIMIZER_KWARGS",
     "BatchNormModule",
-    "ClassificationModule",
     "LossFunction",
     "OptimizerFactory",
     "SchedulerFactory",
@@ -71,14 +71,8 @@ def _factory_weight_decay(factory: Callable[..., Any]) -> float | None:
     return None
 
 
-def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
 class BatchNormModule(pl.LightningModule):
-    """Trains any backbone with a loss, and applies a :class:`~bn_lightning.config.BatchNormPolicy` to its BN layers.
+    """Trains any backbone with a loss, and applies a :class:`~bn_lightning.policy.BatchNormPolicy` to its BN layers.
 
     The policy (a dataclass, a ``dict`` or Hydra's ``cfg.bn``) is applied in three places:
 
@@ -104,7 +98,7 @@ class BatchNormModule(pl.LightningModule):
     Args:
         net: the backbone; maps a batch of inputs to the outputs the loss takes (``(N, num_classes)`` logits for
             classification). Converted in place (the same object, with new BN children).
-        bn_policy: a :class:`~bn_lightning.config.BatchNormPolicy`, a mapping or ``DictConfig`` of its fields, or
+        bn_policy: a :class:`~bn_lightning.policy.BatchNormPolicy`, a mapping of its fields (Hydra's ``cfg.bn``), or
             ``None`` for the default policy (keep the layers, exempt BN parameters from weight decay).
         loss: ``loss(outputs, targets)``, a function or an ``nn.Module`` (e.g. one Hydra instantiated from
             ``{_target_: torch.nn.CrossEntropyLoss, label_smoothing: 0.1}``); ``None``: cross-entropy.
@@ -145,7 +139,7 @@ class BatchNormModule(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        bn_policy: BatchNormPolicy | Mapping[str, Any] | DictConfig | None = None,
+        bn_policy: BatchNormPolicy | Mapping[str, Any] | None = None,
         loss: LossFunction | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerFactory | None = None,
@@ -161,7 +155,7 @@ class BatchNormModule(pl.LightningModule):
             if factory is not None and not callable(factory):
                 raise TypeError(f"`{name}` must be callable or None, got {type(factory).__name__}")
         policy = BatchNormPolicy.from_config(bn_policy)
-        # plain data only (an explicit dict: the policy as given may be a dataclass or a DictConfig)
+        # plain data only (an explicit dict: the policy as given may be a dataclass or any mapping, e.g. a DictConfig)
         self.save_hyperparameters({"num_classes": num_classes, "bn_policy": policy.to_dict()})
         self.bn_policy = policy
         self.net = net
@@ -178,13 +172,17 @@ class BatchNormModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the BN policy
 
-    def bn_layers(self) -> dict[str, _BatchNorm]:
-        """The BN layers the policy applies to (``include``/``exclude``), by qualified name in this module."""
+    def bn_layers(self) -> dict[str, _BatchNorm | FrozenBatchNormBase]:
+        """The BN layers the policy applies to (``include``/``exclude``), by qualified name in this module.
+
+        Frozen layers (:class:`~bn_lightning.layers.frozen.FrozenBatchNormBase`, not torch ``_BatchNorm`` subclasses)
+        are BN layers too: the policy converts them and sets their ``eps``; they have no ``momentum``.
+        """
         policy = self.bn_policy
         return {
             name: layer
             for name, layer in self.named_modules()
-            if isinstance(layer, _BatchNorm) and _selected(name, policy.include, policy.exclude)
+            if isinstance(layer, _BatchNorm | FrozenBatchNormBase) and selected(name, policy.include, policy.exclude)
         }
 
     def _apply_bn_policy(self) -> None:
@@ -193,7 +191,7 @@ class BatchNormModule(pl.LightningModule):
             # converting this module (not `net`) so patterns name layers as the plugin and callbacks do: "net.*"
             convert_batchnorm(self, policy.impl, include=policy.include, exclude=policy.exclude, **policy.options)
         for layer in self.bn_layers().values():
-            if policy.momentum is not None:
+            if policy.momentum is not None and not isinstance(layer, FrozenBatchNormBase):
                 layer.momentum = policy.momentum
             if policy.eps is not None:
                 layer.eps = policy.eps
@@ -201,27 +199,11 @@ class BatchNormModule(pl.LightningModule):
     def _build_bn_callbacks(self) -> list[Callback]:
         policy = self.bn_policy
         callbacks: list[Callback] = []
+        # the nested policies' fields are the callbacks' arguments
         if policy.freeze is not None:
-            from bn_lightning.callbacks.freeze import BatchNormFreeze
-
-            freeze = policy.freeze
-            callbacks.append(
-                BatchNormFreeze(
-                    freeze_at_epoch=freeze.at_epoch,
-                    freeze_at_step=freeze.at_step,
-                    include=freeze.include,
-                    exclude=freeze.exclude,
-                    freeze_affine=freeze.freeze_affine,
-                    unfreeze_at_epoch=freeze.unfreeze_at_epoch,
-                )
-            )
+            callbacks.append(BatchNormFreeze(**asdict(policy.freeze)))
         if policy.precise_bn is not None:
-            from bn_lightning.callbacks.precise_bn import PreciseBN
-
-            precise = policy.precise_bn
-            callbacks.append(
-                PreciseBN(num_batches=precise.num_batches, when=precise.when, every_n_epochs=precise.every_n_epochs)
-            )
+            callbacks.append(PreciseBN(**asdict(policy.precise_bn)))
         return callbacks
 
     @override
@@ -301,47 +283,3 @@ class BatchNormModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-class ClassificationModule(BatchNormModule):
-    """A :class:`BatchNormModule` for classifiers, with the argument order and ``num_classes=10`` default of old.
-
-    Kept so that existing code and checkpoints keep working. Unlike before the BN policy existed, BN weights and
-    biases are exempt from weight decay by default; ``bn_policy={"no_weight_decay": False}`` decays every parameter.
-
-    Args:
-        net: the network; maps a batch of inputs to ``(N, num_classes)`` logits.
-        num_classes: number of classes, for the accuracy metrics.
-        optimizer: see :class:`BatchNormModule`.
-        scheduler: see :class:`BatchNormModule`.
-        bn_policy: see :class:`BatchNormModule`.
-        loss: see :class:`BatchNormModule`.
-
-    Example::
-
-        >>> import functools, torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        >>> module = ClassificationModule(net, optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
-        >>> module(torch.randn(4, 1, 8, 8)).shape
-        torch.Size([4, 10])
-        >>> type(module.configure_optimizers()).__name__
-        'Adam'
-        >>> module.hparams.num_classes, module.hparams.bn_policy["impl"]
-        (10, None)
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        num_classes: int = 10,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        bn_policy: BatchNormPolicy | Mapping[str, Any] | DictConfig | None = None,
-        loss: LossFunction | None = None,
-    ) -> None:
-        if num_classes is None:
-            raise ValueError("`num_classes` must be an integer >= 2 for a ClassificationModule, got None")
-        super().__init__(
-            net, bn_policy=bn_policy, loss=loss, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler
-        )

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 import bn_lightning as bnl
+from bn_lightning.app.data import DigitsDataModule
+from bn_lightning.app.models import MLP, SmallCNN
 from bn_lightning.callbacks import BatchNormGap, RunningStatDrift
 from bn_lightning.callbacks.drift import gaussian_kl
-from bn_lightning.data import DigitsDataModule
-from bn_lightning.models import MLP, SmallCNN
-from bn_lightning.module import ClassificationModule
+from bn_lightning.module import BatchNormModule
 
 
 def drift_to_population(model: nn.Module, loader) -> float:
@@ -47,7 +47,7 @@ def drift_to_population(model: nn.Module, loader) -> float:
     return float(torch.stack(kls).mean())
 
 
-def evaluate(module: ClassificationModule, loader, gap: BatchNormGap) -> dict[str, float]:
+def evaluate(module: BatchNormModule, loader, gap: BatchNormGap) -> dict[str, float]:
     """Eval-mode loss and accuracy (running statistics), and the gap to batch statistics."""
     values = gap.measure(module, list(loader))
     return {
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = args.momentum
-    module = ClassificationModule(
+    module = BatchNormModule(
         net, num_classes=10, optimizer=functools.partial(torch.optim.SGD, lr=args.lr, momentum=0.9), scheduler=None
     )
     gap = BatchNormGap(num_batches=1000)

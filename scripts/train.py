@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from bn_lightning.train import train_and_report
+from bn_lightning.app.train import train_and_report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -15,10 +16,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.config import BatchNormPolicy, FreezePolicy, PreciseBNPolicy, impl_options
-from bn_lightning.data import DigitsDataModule
+from bn_lightning.app.data import DigitsDataModule
+from bn_lightning.callbacks import BatchNormFreeze, PreciseBN
+from bn_lightning.callbacks.precise_bn import WHEN
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
-from bn_lightning.module import BatchNormModule, ClassificationModule
+from bn_lightning.layers.frozen import FrozenBatchNormBase
+from bn_lightning.module import BatchNormModule
+from bn_lightning.policy import BatchNormPolicy, FreezePolicy, PreciseBNPolicy, impl_options
 from tests.helpers.tiny import TinyBNNet
 
 # one policy per implementation, with the options a digits batch of 32 makes sense for
@@ -38,8 +42,9 @@ def tiny_net() -> TinyBNNet:
     return TinyBNNet(nn.BatchNorm2d, nn.BatchNorm1d, in_channels=1, num_classes=10)
 
 
-def bn_layers(module: nn.Module) -> dict[str, _BatchNorm]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm)}
+def bn_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every BN layer, frozen ones (plain modules, not torch ``_BatchNorm``) included."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm | FrozenBatchNormBase)}
 
 
 def expected_class(impl: str, name: str) -> type[nn.Module]:
@@ -125,7 +130,7 @@ def test_policy_as_dataclass_dict_or_dictconfig() -> None:
         impl="ghost",
         options={"virtual_batch_size": 4},
         momentum=0.05,
-        freeze=FreezePolicy(at_epoch=3, include=["net.features.*"]),
+        freeze=FreezePolicy(freeze_at_epoch=3, include=["net.features.*"]),
         precise_bn=PreciseBNPolicy(num_batches=7),
     )
     as_dict = asdict(policy)
@@ -152,9 +157,9 @@ def test_policy_validation() -> None:
         BatchNormPolicy(impl="torch", options={"r_max": 3})
     with pytest.raises(ValueError, match="need an impl"):
         BatchNormPolicy(options={"virtual_batch_size": 8})
-    with pytest.raises(ValueError, match=r"momentum must be None or in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"momentum must be a number >= 0 and <= 1, got 2"):
         BatchNormPolicy(momentum=2)
-    with pytest.raises(ValueError, match="eps must be None or > 0"):
+    with pytest.raises(ValueError, match="eps must be a number > 0"):
         BatchNormPolicy(eps=0.0)
     with pytest.raises(TypeError, match="include must be None or a list"):
         BatchNormPolicy(include="net.*")
@@ -164,13 +169,13 @@ def test_policy_validation() -> None:
         BatchNormPolicy.from_config({"momentun": 0.1})
     with pytest.raises(ValueError, match=r"freeze has unknown keys \['epoch'\]"):
         BatchNormPolicy(freeze={"epoch": 3})
-    with pytest.raises(ValueError, match="at most one of at_epoch"):
-        BatchNormPolicy(freeze={"at_epoch": 3, "at_step": 10})
+    with pytest.raises(ValueError, match="at most one of freeze_at_epoch"):
+        BatchNormPolicy(freeze={"freeze_at_epoch": 3, "freeze_at_step": 10})
     with pytest.raises(ValueError, match="unfreeze_at_epoch must be greater"):
-        FreezePolicy(at_epoch=3, unfreeze_at_epoch=2)
+        FreezePolicy(freeze_at_epoch=3, unfreeze_at_epoch=2)
     with pytest.raises(ValueError, match=r"when must be one of \('before_validation', 'epoch_end', 'fit_end'\)"):
         BatchNormPolicy(precise_bn={"when": "sometimes"})
-    with pytest.raises(ValueError, match="num_batches must be None or an int >= 1"):
+    with pytest.raises(ValueError, match="num_batches must be an int >= 1"):
         PreciseBNPolicy(num_batches=0)
     with pytest.raises(TypeError, match="bn_policy|BatchNormPolicy must be"):
         BatchNormModule(tiny_net(), bn_policy="torch")
@@ -180,6 +185,22 @@ def test_impl_options() -> None:
     assert impl_options("ghost") == ["virtual_batch_size"]
     assert impl_options("renorm") == ["d_max", "r_max", "sync", "warmup_steps"]
     assert impl_options("torch") == impl_options("scratch") == impl_options("sync") == impl_options("frozen") == []
+
+
+def test_nested_policies_are_the_callbacks_arguments() -> None:
+    # the policy's fields ARE the callbacks' arguments: asdict(policy) builds the callback
+    freeze = FreezePolicy(freeze_at_step=4, include=["net.*"], exclude=["net.head.*"], freeze_affine=True)
+    callback = BatchNormFreeze(**asdict(freeze))
+    assert {name: getattr(callback, name) for name in asdict(freeze)} == asdict(freeze)
+    precise = PreciseBNPolicy(num_batches=7, when="epoch_end", every_n_epochs=3)
+    callback = PreciseBN(**asdict(precise))
+    assert {name: getattr(callback, name) for name in asdict(precise)} == asdict(precise)
+    # the defaults agree too
+    for policy_cls, callback_cls in ((FreezePolicy, BatchNormFreeze), (PreciseBNPolicy, PreciseBN)):
+        defaults = inspect.signature(callback_cls.__init__).parameters
+        assert {name: defaults[name].default for name in asdict(policy_cls())} == asdict(policy_cls())
+    # one list of PreciseBN's `when` choices
+    assert {PreciseBNPolicy(when=when).when for when in WHEN} == set(WHEN)
 
 
 def test_module_argument_validation() -> None:
@@ -250,7 +271,7 @@ def test_configure_callbacks() -> None:
     assert BatchNormModule(tiny_net()).configure_callbacks() == []
 
     policy = {
-        "freeze": {"at_epoch": 2, "include": ["net.features.*"], "freeze_affine": True, "unfreeze_at_epoch": 4},
+        "freeze": {"freeze_at_epoch": 2, "include": ["net.features.*"], "freeze_affine": True, "unfreeze_at_epoch": 4},
         "precise_bn": {"num_batches": 20, "when": "epoch_end", "every_n_epochs": 2},
     }
     module = BatchNormModule(tiny_net(), bn_policy=policy)
@@ -267,7 +288,7 @@ def test_configure_callbacks() -> None:
     assert (precise.num_batches, precise.when, precise.every_n_epochs) == (20, "epoch_end", 2)
     assert module.configure_callbacks()[0] is not freeze  # fresh ones each fit
 
-    only_freeze = BatchNormModule(tiny_net(), bn_policy={"freeze": {"at_step": 10}}).configure_callbacks()
+    only_freeze = BatchNormModule(tiny_net(), bn_policy={"freeze": {"freeze_at_step": 10}}).configure_callbacks()
     assert [type(cb) for cb in only_freeze] == [freeze_mod.BatchNormFreeze]
 
 
@@ -275,7 +296,7 @@ def test_policy_callbacks_join_the_fit(tmp_path: Path, digits: DigitsDataModule)
     freeze_mod = pytest.importorskip("bn_lightning.callbacks.freeze")
     precise_mod = pytest.importorskip("bn_lightning.callbacks.precise_bn")
     # the features freeze at step 2; PreciseBN recalibrates the layers still training (the head) before validation
-    freeze_features = FreezePolicy(at_step=2, include=["net.features.*"])
+    freeze_features = FreezePolicy(freeze_at_step=2, include=["net.features.*"])
     policy = BatchNormPolicy(impl="scratch", freeze=freeze_features, precise_bn=PreciseBNPolicy(num_batches=2))
     module = BatchNormModule(tiny_net(), bn_policy=policy, num_classes=10)
     trainer = fast_trainer(tmp_path)
@@ -344,13 +365,3 @@ def test_checkpoint_rebuilds_the_policy(tmp_path: Path, digits: DigitsDataModule
     for (name, layer), original in zip(bn_layers(loaded).items(), bn_layers(module).values(), strict=True):
         assert type(layer) is expected_class("ghost", name) and layer.momentum == 0.2
         assert torch.equal(layer.running_mean, original.running_mean)
-
-
-def test_classification_module_is_a_batchnorm_module() -> None:
-    net = tiny_net()
-    module = ClassificationModule(net, 10, functools.partial(torch.optim.SGD, lr=0.1))
-    assert isinstance(module, BatchNormModule) and module.net is net
-    assert module.hparams.num_classes == 10 and module.train_acc is not None
-    assert all(type(layer).__module__.startswith("torch.") for layer in bn_layers(module).values())
-    with pytest.raises(ValueError, match="num_classes"):
-        ClassificationModule(tiny_net(), num_classes=None)

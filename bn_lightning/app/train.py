@@ -3,9 +3,10 @@
 Provides :func:`train` (``cfg -> (metrics, objects)``, what tests call), :func:`train_and_report` (``train`` plus a
 printed summary; what ``scripts/train.py`` calls) and the helpers :func:`instantiate_callbacks` and
 :func:`instantiate_loggers`. The config layout is the one under ``conf/``: ``data``, ``model`` (the network), ``bn``
-(the BatchNorm policy, :class:`bn_lightning.config.BatchNormPolicy`), ``module`` (the LightningModule around the
-network, which applies the policy), ``callbacks``, ``logger`` and ``trainer``. Importing this module registers the
-policy's schema in Hydra's ConfigStore (``bn/base_policy``), which the ``conf/bn`` files start from.
+(the BatchNorm policy, :class:`bn_lightning.policy.BatchNormPolicy`), ``module`` (the LightningModule around the
+network, which applies the policy), ``callbacks``, ``logger`` and ``trainer``. Importing this module imports
+:mod:`bn_lightning.hydra`: the policy's schema (``bn/base_policy``, where the ``conf/bn`` files start from) is then
+in Hydra's ConfigStore.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from bn_lightning.config import BatchNormPolicy  # also registers the `bn/base_policy` schema
+import bn_lightning.hydra  # noqa: F401  (registers the `bn/base_policy` schema the conf/bn files start from)
 from bn_lightning.functional import set_kernel
+from bn_lightning.policy import BatchNormPolicy
 
 __all__ = ["instantiate_callbacks", "instantiate_loggers", "train", "train_and_report"]
 

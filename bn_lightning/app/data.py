@@ -73,7 +73,8 @@ class DigitsDataModule(_TensorDataModule):
         val_fraction: fraction of the samples held out for validation, in ``(0, 1)``.
         seed: seed of the split and of the training shuffle.
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
-        flatten: yield ``(N, 64)`` vectors (for :class:`~bn_lightning.models.MLP`) instead of ``(N, 1, 8, 8)`` images.
+        flatten: yield ``(N, 64)`` vectors (for :class:`~bn_lightning.app.models.MLP`) instead of ``(N, 1, 8, 8)``
+            images.
         drop_last: drop the last incomplete training batch (validation keeps every sample).
 
     Raises:
@@ -87,7 +88,7 @@ class DigitsDataModule(_TensorDataModule):
 
     Example::
 
-        >>> from bn_lightning.data import DigitsDataModule
+        >>> from bn_lightning.app.data import DigitsDataModule
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup()
         >>> x, y = next(iter(dm.train_dataloader()))
@@ -177,7 +178,7 @@ class SyntheticImageDataModule(_TensorDataModule):
 
     Example::
 
-        >>> from bn_lightning.data import SyntheticImageDataModule
+        >>> from bn_lightning.app.data import SyntheticImageDataModule
         >>> dm = SyntheticImageDataModule(shape=(3, 8, 8), num_samples=64, val_samples=16, batch_size=16)
         >>> dm.setup()
         >>> x, y = next(iter(dm.train_dataloader()))

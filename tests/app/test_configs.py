@@ -17,13 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_lightning.app.train import instantiate_callbacks, instantiate_loggers
 from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
-from bn_lightning.config import BatchNormPolicy
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
 from bn_lightning.module import BatchNormModule
-from bn_lightning.train import instantiate_callbacks, instantiate_loggers
+from bn_lightning.policy import BatchNormPolicy
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def options(group: str) -> list[str]:
@@ -55,8 +55,8 @@ def test_groups_have_the_expected_options() -> None:
 
 
 def test_default_config(cfg: DictConfig) -> None:
-    assert cfg.data._target_ == "bn_lightning.data.DigitsDataModule"
-    assert cfg.model._target_ == "bn_lightning.models.SmallCNN"
+    assert cfg.data._target_ == "bn_lightning.app.data.DigitsDataModule"
+    assert cfg.model._target_ == "bn_lightning.app.models.SmallCNN"
     assert cfg.model.norm == "torch"  # models are built with torch BN; the module converts them to bn.impl
     assert cfg.bn.impl == "torch" and cfg.module._target_ == "bn_lightning.module.BatchNormModule"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
@@ -113,7 +113,7 @@ def test_bn_option_is_a_valid_policy(tmp_path: Path, bn: str) -> None:
     assert OmegaConf.get_type(cfg.bn) is BatchNormPolicy  # typed by the `bn/base_policy` schema
     policy = BatchNormPolicy.from_config(cfg.bn)
     if bn == "frozen":  # fine-tuning style: torch BN, frozen half way through the default 10 epochs
-        assert policy.impl == "torch" and policy.freeze is not None and policy.freeze.at_epoch == 5
+        assert policy.impl == "torch" and policy.freeze is not None and policy.freeze.freeze_at_epoch == 5
     else:
         assert policy.impl == cfg.bn.impl == bn
     # every key has a comment; block headers (a key with nothing after the colon) may go without
@@ -128,10 +128,10 @@ def test_bn_policy_overrides(tmp_path: Path) -> None:
         impl="ghost", options={"virtual_batch_size": 8}, momentum=0.01
     )
     # a null nested policy is set through its parent (OmegaConf cannot merge into a typed null)
-    cfg = compose_config(tmp_path, ("bn={precise_bn:{num_batches:5},freeze:{at_step:3}}",))
+    cfg = compose_config(tmp_path, ("bn={precise_bn:{num_batches:5},freeze:{freeze_at_step:3}}",))
     policy = BatchNormPolicy.from_config(cfg.bn)
     assert policy.precise_bn.num_batches == 5 and policy.precise_bn.when == "before_validation"
-    assert policy.freeze.at_step == 3
+    assert policy.freeze.freeze_at_step == 3
     # the schema catches typos and wrong types when composing
     for override in ("bn.momentun=0.1", "bn.momentum=fast", "bn={freeze:{at_epok:1}}"):
         with pytest.raises(ConfigCompositionException):

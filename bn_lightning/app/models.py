@@ -67,7 +67,7 @@ class MLP(nn.Module):
     Example::
 
         >>> import torch
-        >>> from bn_lightning.models import MLP
+        >>> from bn_lightning.app.models import MLP
         >>> model = MLP(in_features=64, hidden=(32,), num_classes=10, norm="scratch")
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
@@ -134,7 +134,7 @@ class SmallCNN(nn.Module):
     Example::
 
         >>> import torch
-        >>> from bn_lightning.models import SmallCNN
+        >>> from bn_lightning.app.models import SmallCNN
         >>> model = SmallCNN(in_channels=1, channels=(8, 16), norm="scratch")
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
@@ -189,7 +189,7 @@ class BasicBlock(nn.Module):
     Example::
 
         >>> import torch
-        >>> from bn_lightning.models import BasicBlock
+        >>> from bn_lightning.app.models import BasicBlock
         >>> BasicBlock(16, 32, stride=2)(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 32, 4, 4])
     """
@@ -240,7 +240,7 @@ class ResNet20(nn.Module):
     Example::
 
         >>> import torch
-        >>> from bn_lightning.models import ResNet20
+        >>> from bn_lightning.app.models import ResNet20
         >>> model = ResNet20(num_classes=10, in_channels=1, norm="scratch", width=4)
         >>> model(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
@@ -282,7 +282,7 @@ def resnet20(**kwargs: Any) -> ResNet20:
 
     Example::
 
-        >>> from bn_lightning.models import resnet20
+        >>> from bn_lightning.app.models import resnet20
         >>> resnet20(num_classes=100).fc.out_features
         100
     """
@@ -309,7 +309,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
     Example::
 
-        >>> from bn_lightning.models import build_model
+        >>> from bn_lightning.app.models import build_model
         >>> model = build_model("ResNet-20", in_channels=1, norm="scratch", width=4)
         >>> type(model).__name__, model.norm
         ('ResNet20', 'scratch')

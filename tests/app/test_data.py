@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bn_lightning.data import DigitsDataModule, SyntheticImageDataModule
+from bn_lightning.app.data import DigitsDataModule, SyntheticImageDataModule
 
 
 def _first_batch(dm):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from bn_lightning.app.models import MLP, MODELS, ResNet20, SmallCNN, build_model, resnet20
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
-from bn_lightning.models import MLP, MODELS, ResNet20, SmallCNN, build_model, resnet20
 
 NORMS = ["torch", "scratch"]
 

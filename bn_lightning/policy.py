@@ -1,47 +1,31 @@
-"""Structured configs (dataclasses) for the BatchNorm policy, registered in Hydra's ConfigStore.
+"""The BatchNorm policy of a training run, as plain dataclasses.
 
 Provides :class:`BatchNormPolicy` (which BN implementation, its options, momentum, eps, weight decay, and the
-optional :class:`FreezePolicy` and :class:`PreciseBNPolicy`), :func:`register_configs` and the ConfigStore entry
-``bn/base_policy``, the schema every file of the ``conf/bn`` group starts from (a misspelt key or a wrong type fails
-when the config is composed, not when training starts)::
+optional :class:`FreezePolicy` and :class:`PreciseBNPolicy`) and :func:`impl_options`. A policy is data:
+:class:`bn_lightning.module.BatchNormModule` applies it to a network and builds the callbacks it asks for. The nested
+policies' fields are the arguments of the callbacks they describe, so ``BatchNormFreeze(**asdict(policy.freeze))``
+and ``PreciseBN(**asdict(policy.precise_bn))`` build them.
 
-    defaults:
-      - base_policy
-      - _self_
-    impl: ghost
-    options:
-      virtual_batch_size: 16
-
-The dataclasses are plain data: :class:`bn_lightning.module.BatchNormModule` applies a policy to the network and
-builds the callbacks it asks for. Every policy is validated on construction (``ValueError``/``TypeError`` naming the
-field and the allowed values), and :meth:`BatchNormPolicy.from_config` accepts a policy, a ``dict``, an OmegaConf
-``DictConfig`` (Hydra's ``cfg.bn``) or ``None``.
+Every policy is validated on construction (``ValueError``/``TypeError`` naming the field and the allowed values), and
+:meth:`BatchNormPolicy.from_config` accepts a policy, any mapping (a ``dict``, or Hydra's ``cfg.bn``) or ``None``.
+The Hydra schema built on these classes is registered by :mod:`bn_lightning.hydra`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
+from bn_lightning.callbacks.precise_bn import WHEN
 from bn_lightning.layers.factory import BATCHNORM_IMPLS, resolve_impl
+from bn_lightning.validation import check_bool, check_choice, check_int, check_number, check_patterns
 
-__all__ = [
-    "PRECISE_BN_WHEN",
-    "BatchNormPolicy",
-    "FreezePolicy",
-    "PreciseBNPolicy",
-    "impl_options",
-    "register_configs",
-]
+__all__ = ["BatchNormPolicy", "FreezePolicy", "PreciseBNPolicy", "impl_options"]
 
-#: When PreciseBN may recalibrate (the values :class:`bn_lightning.callbacks.precise_bn.PreciseBN` accepts).
-PRECISE_BN_WHEN = ("before_validation", "epoch_end", "fit_end")
+P = TypeVar("P")
 
 # constructor arguments every BN class has: the policy sets them through its own fields, not `options`
 _COMMON_ARGS = {"self", "num_features", "eps", "momentum", "affine", "bias", "track_running_stats", "device", "dtype"}
@@ -71,35 +55,18 @@ def impl_options(impl: str) -> list[str]:
     return sorted(names - _COMMON_ARGS - _OBJECT_ARGS)
 
 
-def _check_optional_int(owner: str, name: str, value: Any, minimum: int = 0) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{owner}.{name} must be None or an int >= {minimum}, got {value!r}")
+def _from_mapping(cls: type[P], data: Any, owner: str) -> P:
+    """Build dataclass ``cls`` from ``data`` (an instance or a mapping, e.g. a ``DictConfig``), refusing unknown keys.
 
-
-def _check_patterns(owner: str, name: str, value: Any) -> list[str] | None:
-    """``None`` or a list of ``fnmatch`` patterns; a bare string is refused (it would match character by character)."""
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{owner}.{name} must be None or a list of name patterns (['net.features.*']), got {value!r}")
-    return list(value)
-
-
-def _check_bool(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be true or false, got {value!r}")
-
-
-def _from_mapping(cls: type, data: Any, owner: str) -> Any:
-    """Build dataclass ``cls`` from ``data`` (an instance, a mapping or a ``DictConfig``), refusing unknown keys."""
+    Nested mappings and sequences are left as they are: each field's check turns them into plain data.
+    """
     if isinstance(data, cls):
         return data
-    if isinstance(data, DictConfig):
-        data = OmegaConf.to_container(data, resolve=True)
     if not isinstance(data, Mapping):
         raise TypeError(f"{owner} must be a {cls.__name__}, a mapping or None, got {type(data).__name__}")
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(allowed))
+    data = dict(data)
+    allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"{owner} has unknown keys {unknown}; allowed keys are {allowed}")
     return cls(**data)
@@ -109,59 +76,64 @@ def _from_mapping(cls: type, data: Any, owner: str) -> Any:
 class FreezePolicy:
     """When and which BN layers :class:`~bn_lightning.callbacks.freeze.BatchNormFreeze` freezes during training.
 
-    A frozen layer is in eval mode: it normalises with its running statistics and keeps them unchanged.
+    A frozen layer is in eval mode: it normalises with its running statistics and keeps them unchanged. The fields
+    are ``BatchNormFreeze``'s arguments: ``BatchNormFreeze(**asdict(policy))`` builds the callback.
 
     Args:
-        at_epoch: freeze at the start of this epoch (0-based); with ``at_step`` also ``None``: from the start.
-        at_step: freeze when ``trainer.global_step`` reaches this value (instead of ``at_epoch``).
+        freeze_at_epoch: freeze at the start of this epoch (0-based); with ``freeze_at_step`` also ``None``: from the
+            start.
+        freeze_at_step: freeze when ``trainer.global_step`` reaches this value (instead of ``freeze_at_epoch``).
         include: ``fnmatch`` patterns of BN layer names in the LightningModule (``"net.features.*"``); ``None``: all.
         exclude: patterns of BN layers to leave alone.
         freeze_affine: also stop training gamma and beta.
         unfreeze_at_epoch: unfreeze at the start of this epoch (after the freeze epoch); ``None``: never.
 
     Raises:
-        ValueError: a negative or non-int epoch or step, both ``at_epoch`` and ``at_step``, or an
+        ValueError: a negative or non-int epoch or step, both ``freeze_at_epoch`` and ``freeze_at_step``, or an
             ``unfreeze_at_epoch`` not after the freeze epoch.
         TypeError: ``include``/``exclude`` not a list of strings, ``freeze_affine`` not a bool.
 
     Example::
 
-        >>> policy = FreezePolicy(at_epoch=5, include=("net.features.*",))
-        >>> policy.at_epoch, policy.include, policy.freeze_affine
+        >>> policy = FreezePolicy(freeze_at_epoch=5, include=("net.features.*",))
+        >>> policy.freeze_at_epoch, policy.include, policy.freeze_affine
         (5, ['net.features.*'], False)
-        >>> FreezePolicy(at_epoch=2, at_step=100)
+        >>> FreezePolicy(freeze_at_epoch=2, freeze_at_step=100)
         Traceback (most recent call last):
             ...
-        ValueError: FreezePolicy: give at most one of at_epoch (2) and at_step (100)
+        ValueError: FreezePolicy: give at most one of freeze_at_epoch (2) and freeze_at_step (100)
     """
 
-    at_epoch: int | None = None
-    at_step: int | None = None
+    freeze_at_epoch: int | None = None
+    freeze_at_step: int | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
     freeze_affine: bool = False
     unfreeze_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("at_epoch", "at_step", "unfreeze_at_epoch"):
-            _check_optional_int("FreezePolicy", name, getattr(self, name))
-        if self.at_epoch is not None and self.at_step is not None:
+        for name in ("freeze_at_epoch", "freeze_at_step", "unfreeze_at_epoch"):
+            check_int("FreezePolicy", name, getattr(self, name), minimum=0, optional=True)
+        if self.freeze_at_epoch is not None and self.freeze_at_step is not None:
             raise ValueError(
-                f"FreezePolicy: give at most one of at_epoch ({self.at_epoch}) and at_step ({self.at_step})"
+                f"FreezePolicy: give at most one of freeze_at_epoch ({self.freeze_at_epoch}) and freeze_at_step "
+                f"({self.freeze_at_step})"
             )
-        if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch <= (self.at_epoch or 0):
+        if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch <= (self.freeze_at_epoch or 0):
             raise ValueError(
-                f"FreezePolicy.unfreeze_at_epoch must be greater than the freeze epoch ({self.at_epoch or 0}), "
+                f"FreezePolicy: unfreeze_at_epoch must be greater than the freeze epoch ({self.freeze_at_epoch or 0}), "
                 f"got {self.unfreeze_at_epoch!r}"
             )
-        self.include = _check_patterns("FreezePolicy", "include", self.include)
-        self.exclude = _check_patterns("FreezePolicy", "exclude", self.exclude)
-        _check_bool("FreezePolicy", "freeze_affine", self.freeze_affine)
+        self.include = check_patterns("FreezePolicy", "include", self.include)
+        self.exclude = check_patterns("FreezePolicy", "exclude", self.exclude)
+        check_bool("FreezePolicy", "freeze_affine", self.freeze_affine)
 
 
 @dataclass
 class PreciseBNPolicy:
     """How :class:`~bn_lightning.callbacks.precise_bn.PreciseBN` recomputes the BN population statistics.
+
+    The fields are ``PreciseBN``'s arguments: ``PreciseBN(**asdict(policy))`` builds the callback.
 
     Args:
         num_batches: training batches per recalibration (200 in Wu & Johnson, 2021).
@@ -179,7 +151,7 @@ class PreciseBNPolicy:
         >>> PreciseBNPolicy(when="sometimes")
         Traceback (most recent call last):
             ...
-        ValueError: PreciseBNPolicy.when must be one of ('before_validation', 'epoch_end', 'fit_end'), got 'sometimes'
+        ValueError: PreciseBNPolicy: when must be one of ('before_validation', 'epoch_end', 'fit_end'), got 'sometimes'
     """
 
     num_batches: int = 200
@@ -187,13 +159,9 @@ class PreciseBNPolicy:
     every_n_epochs: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_batches", "every_n_epochs"):
-            value = getattr(self, name)
-            if value is None:
-                raise ValueError(f"PreciseBNPolicy.{name} must be a positive int, got None")
-            _check_optional_int("PreciseBNPolicy", name, value, minimum=1)
-        if self.when not in PRECISE_BN_WHEN:
-            raise ValueError(f"PreciseBNPolicy.when must be one of {PRECISE_BN_WHEN}, got {self.when!r}")
+        check_int("PreciseBNPolicy", "num_batches", self.num_batches)
+        check_choice("PreciseBNPolicy", "when", self.when, WHEN)
+        check_int("PreciseBNPolicy", "every_n_epochs", self.every_n_epochs)
 
 
 @dataclass
@@ -229,8 +197,8 @@ class BatchNormPolicy:
 
     Example::
 
-        >>> policy = BatchNormPolicy(impl="GhostBN", options={"virtual_batch_size": 16}, freeze={"at_epoch": 5})
-        >>> policy.impl, policy.freeze.at_epoch
+        >>> policy = BatchNormPolicy(impl="GhostBN", options={"virtual_batch_size": 16}, freeze={"freeze_at_epoch": 5})
+        >>> policy.impl, policy.freeze.freeze_at_epoch
         ('ghost', 5)
         >>> policy.to_dict()["options"]
         {'virtual_batch_size': 16}
@@ -257,29 +225,19 @@ class BatchNormPolicy:
             except (TypeError, ValueError) as err:
                 raise type(err)(f"BatchNormPolicy.impl: {err}") from None
         self._check_options()
-        self.include = _check_patterns("BatchNormPolicy", "include", self.include)
-        self.exclude = _check_patterns("BatchNormPolicy", "exclude", self.exclude)
+        self.include = check_patterns("BatchNormPolicy", "include", self.include)
+        self.exclude = check_patterns("BatchNormPolicy", "exclude", self.exclude)
         if self.momentum is not None:
-            if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)):
-                raise TypeError(f"BatchNormPolicy.momentum must be None or a float, got {self.momentum!r}")
-            if not 0.0 <= self.momentum <= 1.0:
-                raise ValueError(f"BatchNormPolicy.momentum must be None or in [0, 1], got {self.momentum!r}")
-            self.momentum = float(self.momentum)
+            self.momentum = float(check_number("BatchNormPolicy", "momentum", self.momentum, low=0.0, high=1.0))
         if self.eps is not None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
-                raise TypeError(f"BatchNormPolicy.eps must be None or a float, got {self.eps!r}")
-            if not self.eps > 0:
-                raise ValueError(f"BatchNormPolicy.eps must be None or > 0, got {self.eps!r}")
-            self.eps = float(self.eps)
-        _check_bool("BatchNormPolicy", "no_weight_decay", self.no_weight_decay)
+            self.eps = float(check_number("BatchNormPolicy", "eps", self.eps, low=0.0, low_open=True))
+        check_bool("BatchNormPolicy", "no_weight_decay", self.no_weight_decay)
         if self.freeze is not None:
             self.freeze = _from_mapping(FreezePolicy, self.freeze, "BatchNormPolicy.freeze")
         if self.precise_bn is not None:
             self.precise_bn = _from_mapping(PreciseBNPolicy, self.precise_bn, "BatchNormPolicy.precise_bn")
 
     def _check_options(self) -> None:
-        if isinstance(self.options, DictConfig):
-            self.options = OmegaConf.to_container(self.options, resolve=True)  # type: ignore[assignment]
         if self.options is None:
             self.options = {}
         if not isinstance(self.options, Mapping):
@@ -297,11 +255,12 @@ class BatchNormPolicy:
             )
 
     @classmethod
-    def from_config(cls, config: BatchNormPolicy | Mapping[str, Any] | DictConfig | None) -> BatchNormPolicy:
-        """The policy ``config`` describes: a policy (returned as is), a mapping or ``DictConfig``, or ``None``.
+    def from_config(cls, config: BatchNormPolicy | Mapping[str, Any] | None) -> BatchNormPolicy:
+        """The policy ``config`` describes: a policy (returned as is), a mapping, or ``None``.
 
         Args:
-            config: e.g. Hydra's ``cfg.bn``, or ``{"impl": "ghost", "options": {"virtual_batch_size": 16}}``.
+            config: e.g. ``{"impl": "ghost", "options": {"virtual_batch_size": 16}}``, or Hydra's ``cfg.bn`` (an
+                OmegaConf ``DictConfig`` is a mapping).
 
         Returns:
             The validated policy; ``None`` gives the default ``BatchNormPolicy()``.
@@ -312,8 +271,7 @@ class BatchNormPolicy:
 
         Example::
 
-            >>> from omegaconf import OmegaConf
-            >>> BatchNormPolicy.from_config(OmegaConf.create({"impl": "sync_batchnorm", "momentum": 0.01})).impl
+            >>> BatchNormPolicy.from_config({"impl": "sync_batchnorm", "momentum": 0.01}).impl
             'sync'
             >>> BatchNormPolicy.from_config({"impl": "torch", "momentun": 0.1})  # doctest: +ELLIPSIS
             Traceback (most recent call last):
@@ -327,15 +285,3 @@ class BatchNormPolicy:
     def to_dict(self) -> dict[str, Any]:
         """The policy as plain data (``dataclasses.asdict``): what the module stores in ``hparams["bn_policy"]``."""
         return asdict(self)
-
-
-def register_configs() -> None:
-    """Store :class:`BatchNormPolicy` in Hydra's ConfigStore as ``bn/base_policy`` (idempotent).
-
-    Called when this module is imported, so importing ``bn_lightning.train`` (or ``bn_lightning.config``) before
-    composing ``conf/`` is enough.
-    """
-    ConfigStore.instance().store(group="bn", name="base_policy", node=BatchNormPolicy)
-
-
-register_configs()

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.config import BatchNormPolicy
+from bn_lightning.app.train import train, train_and_report
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
 from bn_lightning.module import BatchNormModule
-from bn_lightning.train import train, train_and_report
+from bn_lightning.policy import BatchNormPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 
 # a couple of batches per epoch, quiet: each run takes about a second
@@ -80,7 +80,7 @@ def test_train_fast(tmp_path: Path, model: str, bn: str) -> None:
 @pytest.mark.parametrize("bn", ["sync", "ghost", "renorm", "frozen"])
 def test_train_fast_bn_policies(tmp_path: Path, bn: str) -> None:
     # frozen.yaml freezes at epoch 5; freeze at the start here, so the one short epoch runs frozen
-    extra = ("bn.freeze.at_epoch=0",) if bn == "frozen" else ()
+    extra = ("bn.freeze.freeze_at_epoch=0",) if bn == "frozen" else ()
     metrics, objects = train(shrunk_config(tmp_path, f"bn={bn}", *extra))
     assert_bn_policy_applied(objects, "torch" if bn == "frozen" else bn)
     assert 0.0 <= metrics["val/acc"] <= 1.0 and math.isfinite(metrics["val/loss"])
@@ -202,8 +202,9 @@ def test_cli_ddp_two_cpu_processes(tmp_path: Path, bn: str) -> None:
 
 def test_train_sets_the_bn_kernel_and_refuses_an_unknown_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bn_lightning import functional as BF
+    from bn_lightning.functional import compiled as kernels
 
-    monkeypatch.setattr(BF, "_kernel", "eager")  # restored after the test: the kernel is process-wide
+    monkeypatch.setattr(kernels, "_chosen", "eager")  # restored after the test: the kernel is process-wide
     with pytest.raises(ValueError, match="unknown BN kernel 'fast'"):
         train(shrunk_config(tmp_path, "bn_kernel=fast"))
     assert not (tmp_path / "checkpoints").exists()
