@@ -15,12 +15,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from bn_lightning.validation import check_int
+
 __all__ = ["DigitsDataModule", "SyntheticImageDataModule"]
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 class _TensorDataModule(LightningDataModule):
@@ -110,10 +107,10 @@ class DigitsDataModule(_TensorDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
+        check_int(type(self).__name__, "batch_size", batch_size, 1)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
-        _check_int("num_workers", num_workers, 0)
+        check_int(type(self).__name__, "num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -203,11 +200,11 @@ class SyntheticImageDataModule(_TensorDataModule):
         shape = tuple(shape)
         if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"`shape` must be a non-empty sequence of positive integers, got {shape!r}")
-        _check_int("num_classes", num_classes, 1)
-        _check_int("num_samples", num_samples, 1)
-        _check_int("val_samples", val_samples, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
+        check_int(type(self).__name__, "num_classes", num_classes, 1)
+        check_int(type(self).__name__, "num_samples", num_samples, 1)
+        check_int(type(self).__name__, "val_samples", val_samples, 1)
+        check_int(type(self).__name__, "batch_size", batch_size, 1)
+        check_int(type(self).__name__, "num_workers", num_workers, 0)
         if drop_last and num_samples < batch_size:
             raise ValueError(
                 f"`num_samples` ({num_samples}) must be >= `batch_size` ({batch_size}) when `drop_last=True`, "

@@ -14,22 +14,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from bn_lightning.layers.factory import get_batchnorm_class, normalize_name
+from bn_lightning.validation import check_int
 
 __all__ = ["MLP", "MODELS", "BasicBlock", "ResNet20", "SmallCNN", "build_model", "resnet20"]
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def _check_positive_seq(name: str, values: Sequence[int], allow_empty: bool = True) -> tuple[int, ...]:
+def _check_positive_seq(owner: str, name: str, values: Sequence[int], allow_empty: bool = True) -> tuple[int, ...]:
     values = tuple(values)
     if not allow_empty and not values:
-        raise ValueError(f"`{name}` must be a non-empty sequence of positive integers, got {values!r}")
+        raise ValueError(f"{owner}: {name} must be a non-empty sequence of positive ints, got {values!r}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"`{name}` must contain only positive integers, got {values!r}")
+        check_int(owner, f"every entry of {name}", v)
     return values
 
 
@@ -84,9 +79,9 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_positive("in_features", in_features)
-        hidden = _check_positive_seq("hidden", hidden)
-        _check_positive("num_classes", num_classes)
+        check_int(type(self).__name__, "in_features", in_features)
+        hidden = _check_positive_seq(type(self).__name__, "hidden", hidden)
+        check_int(type(self).__name__, "num_classes", num_classes)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
         bn_cls = get_batchnorm_class(norm, 1)
@@ -148,9 +143,9 @@ class SmallCNN(nn.Module):
         norm: str = "torch",
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        channels = _check_positive_seq("channels", channels, allow_empty=False)
+        check_int(type(self).__name__, "in_channels", in_channels)
+        check_int(type(self).__name__, "num_classes", num_classes)
+        channels = _check_positive_seq(type(self).__name__, "channels", channels, allow_empty=False)
         bn_cls = get_batchnorm_class(norm, 2)
         self.norm = norm
         self.num_classes = num_classes
@@ -248,9 +243,9 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: str = "torch", width: int = 16) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_positive("in_channels", in_channels)
-        _check_positive("width", width)
+        check_int(type(self).__name__, "num_classes", num_classes)
+        check_int(type(self).__name__, "in_channels", in_channels)
+        check_int(type(self).__name__, "width", width)
         bn_cls = get_batchnorm_class(norm, 2)
         self.norm = norm
         self.num_classes = num_classes

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.functional import BatchStats, merge_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
+from bn_lightning.validation import check_int
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNormMixin"]
 
@@ -35,9 +36,7 @@ class GhostBatchNormMixin(ScratchBatchNormMixin):
 
     def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(num_features, eps, **kwargs)  # type: ignore[call-arg]
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = check_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
 
     def extra_repr(self) -> str:
         """The BN fields plus ``virtual_batch_size``."""
