@@ -84,7 +84,7 @@ def test_polling_stops_at_the_spin_budget_and_falls_back_to_a_blocking_wait(monk
     work = FakeWork(polls=None)
     start = time.perf_counter()
     distributed.wait(work, on_cpu=True)
-    assert 0.005 <= time.perf_counter() - start < 0.5
+    assert 0.005 <= time.perf_counter() - start < 5.0  # a generous bound: only a stalled machine takes seconds
     assert work.polled > 1 and work.waited == 1
 
 
