@@ -172,4 +172,3 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
 
     def _stats_reducer(self) -> StatsReducer | None:
         return group_reducer(self, self.process_group)
-
