@@ -1,39 +1,69 @@
 """Hydra's side of bn_lightning: importing this module registers the structured configs in Hydra's ConfigStore.
 
-Provides :func:`register_configs`, called on import, which stores :class:`~bn_lightning.policy.BatchNormPolicy` as
-``bn/base_policy``: the schema every file of the ``conf/bn`` group starts from, so a misspelt key or a wrong type
-fails when the config is composed, not when training starts. A ``conf/bn`` file lists only what differs from the
-schema's defaults (the dataclass documents every field)::
+Provides :func:`register_configs`, called on import, which stores the schemas of :mod:`bn_lightning.app.schemas`:
+
+- group ``bn_lightning/bn``: the BN policy, one option per implementation (``torch``, ``scratch``, ``sync``,
+  ``ghost``, ``renorm``, ``frozen``), each a :class:`~bn_lightning.app.schemas.BatchNormPolicyConfig` with that
+  ``impl``;
+- group ``bn_lightning/callbacks``: ``monitor``, ``drift``, ``precise_bn``, ``gap``, ``freeze``, the callbacks with
+  all their defaults;
+- group ``bn_lightning/plugins``: ``sync``, the :class:`~bn_lightning.plugins.SyncBatchNormPlugin`.
+
+Any Hydra application places them with a defaults entry, e.g. in its primary config::
 
     defaults:
-      - base_policy
       - _self_
-    impl: ghost
-    options:
-      virtual_batch_size: 16
+      - bn_lightning/callbacks@callbacks.bn_monitor: monitor
+      - bn_lightning/bn@bn: ghost
 
-``import bn_lightning`` does not import Hydra; :mod:`bn_lightning.app.train` imports this module.
+and ``hydra.utils.instantiate(cfg.callbacks.bn_monitor)`` builds a ``BatchNormMonitor``. A misspelt key or a wrong
+type fails when the config is composed, naming the key. ``import bn_lightning`` does not import Hydra.
 
 Example::
 
     >>> import bn_lightning.hydra
     >>> from hydra.core.config_store import ConfigStore
-    >>> "base_policy.yaml" in ConfigStore.instance().list("bn")
-    True
+    >>> sorted(ConfigStore.instance().list("bn_lightning/callbacks"))
+    ['drift.yaml', 'freeze.yaml', 'gap.yaml', 'monitor.yaml', 'precise_bn.yaml']
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from bn_lightning.policy import BatchNormPolicy
+from bn_lightning.app.schemas import (
+    BatchNormFreezeConfig,
+    BatchNormGapConfig,
+    BatchNormMonitorConfig,
+    BatchNormPolicyConfig,
+    PreciseBNConfig,
+    RunningStatDriftConfig,
+    SyncBatchNormPluginConfig,
+)
 
-__all__ = ["register_configs"]
+__all__ = ["BN_OPTIONS", "CALLBACK_OPTIONS", "register_configs"]
+
+#: The options of the ``bn_lightning/bn`` group: the BN implementations.
+BN_OPTIONS = ("torch", "scratch", "sync", "ghost", "renorm", "frozen")
+
+#: The options of the ``bn_lightning/callbacks`` group and the schema each one stores.
+CALLBACK_OPTIONS: dict[str, type] = {
+    "monitor": BatchNormMonitorConfig,
+    "drift": RunningStatDriftConfig,
+    "precise_bn": PreciseBNConfig,
+    "gap": BatchNormGapConfig,
+    "freeze": BatchNormFreezeConfig,
+}
 
 
 def register_configs() -> None:
-    """Store :class:`~bn_lightning.policy.BatchNormPolicy` in Hydra's ConfigStore as ``bn/base_policy`` (idempotent)."""
-    ConfigStore.instance().store(group="bn", name="base_policy", node=BatchNormPolicy)
+    """Store the schemas in Hydra's ConfigStore under ``bn_lightning/{bn,callbacks,plugins}`` (idempotent)."""
+    store = ConfigStore.instance()
+    for impl in BN_OPTIONS:
+        store.store(group="bn_lightning/bn", name=impl, node=BatchNormPolicyConfig(impl=impl))
+    for name, schema in CALLBACK_OPTIONS.items():
+        store.store(group="bn_lightning/callbacks", name=name, node=schema)
+    store.store(group="bn_lightning/plugins", name="sync", node=SyncBatchNormPluginConfig)
 
 
 register_configs()

@@ -65,11 +65,31 @@ def _from_mapping(cls: type[P], data: Any, owner: str) -> P:
     if not isinstance(data, Mapping):
         raise TypeError(f"{owner} must be a {cls.__name__}, a mapping or None, got {type(data).__name__}")
     data = dict(data)
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    if data.get("_target_", target) != target:
+        raise ValueError(f"{owner}._target_ must be {target!r} or absent, got {data['_target_']!r}")
+    data.pop("_target_", None)  # a Hydra node that `instantiate` would build into this class
     allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"{owner} has unknown keys {unknown}; allowed keys are {allowed}")
     return cls(**data)
+
+
+def _nested(cls: type[P], data: Any, owner: str) -> P | None:
+    """Build nested policy ``cls`` from ``data``; a mapping's ``enabled`` key says whether it is on at all.
+
+    ``enabled`` absent or ``True``: on. ``False``: off (``None``). ``None``: on when any other key differs from the
+    field's default (how a config schema keeps the node settable from the command line yet off when untouched).
+    """
+    if not isinstance(data, Mapping):
+        return _from_mapping(cls, data, owner)
+    data = dict(data)
+    enabled = check_bool(owner, "enabled", data.pop("enabled", True), optional=True)
+    if enabled is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        enabled = any(key not in defaults or value != defaults[key] for key, value in data.items())
+    return _from_mapping(cls, data, owner) if enabled else None
 
 
 @dataclass
@@ -187,8 +207,12 @@ class BatchNormPolicy:
         eps: added to the variance, ``> 0``; ``None``: keep each layer's.
         no_weight_decay: put BN weights and biases in a parameter group with ``weight_decay=0`` (decaying them only
             shrinks the normalised output's scale); ``False``: one group, decayed like everything else.
-        freeze: freeze BN layers during training (:class:`FreezePolicy`); ``None``: never.
-        precise_bn: recompute the population statistics (:class:`PreciseBNPolicy`); ``None``: never.
+        freeze: freeze BN layers during training (:class:`FreezePolicy`, or a mapping of its fields); ``None``:
+            never. A mapping may also hold ``enabled``: ``False`` means ``None``; ``None`` means on only if another
+            key differs from its default (the Hydra schema's untouched node is off, see
+            :mod:`bn_lightning.app.schemas`).
+        precise_bn: recompute the population statistics (:class:`PreciseBNPolicy`, or a mapping as for ``freeze``);
+            ``None``: never.
 
     Raises:
         ValueError: an unknown ``impl`` or option (naming the allowed ones), a ``momentum`` outside ``[0, 1]``,
@@ -202,6 +226,8 @@ class BatchNormPolicy:
         ('ghost', 5)
         >>> policy.to_dict()["options"]
         {'virtual_batch_size': 16}
+        >>> BatchNormPolicy(precise_bn={"enabled": None, "num_batches": 200}).precise_bn is None  # all defaults: off
+        True
         >>> BatchNormPolicy(impl="layernorm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
@@ -233,9 +259,9 @@ class BatchNormPolicy:
             self.eps = float(check_number("BatchNormPolicy", "eps", self.eps, low=0.0, low_open=True))
         check_bool("BatchNormPolicy", "no_weight_decay", self.no_weight_decay)
         if self.freeze is not None:
-            self.freeze = _from_mapping(FreezePolicy, self.freeze, "BatchNormPolicy.freeze")
+            self.freeze = _nested(FreezePolicy, self.freeze, "BatchNormPolicy.freeze")
         if self.precise_bn is not None:
-            self.precise_bn = _from_mapping(PreciseBNPolicy, self.precise_bn, "BatchNormPolicy.precise_bn")
+            self.precise_bn = _nested(PreciseBNPolicy, self.precise_bn, "BatchNormPolicy.precise_bn")
 
     def _check_options(self) -> None:
         if self.options is None:
@@ -253,6 +279,12 @@ class BatchNormPolicy:
             raise ValueError(
                 f"BatchNormPolicy.options {unknown} are not options of impl {self.impl!r}; allowed: {allowed or 'none'}"
             )
+        # the values are the layer's to judge: a one-channel layer checks them now, before any network is built
+        layer_cls = next(iter(BATCHNORM_IMPLS[self.impl].values()))
+        try:
+            layer_cls(1, **self.options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"BatchNormPolicy.options: {err}") from None
 
     @classmethod
     def from_config(cls, config: BatchNormPolicy | Mapping[str, Any] | None) -> BatchNormPolicy:
@@ -260,7 +292,7 @@ class BatchNormPolicy:
 
         Args:
             config: e.g. ``{"impl": "ghost", "options": {"virtual_batch_size": 16}}``, or Hydra's ``cfg.bn`` (an
-                OmegaConf ``DictConfig`` is a mapping).
+                OmegaConf ``DictConfig`` is a mapping; its ``_target_``, if any, must name this class).
 
         Returns:
             The validated policy; ``None`` gives the default ``BatchNormPolicy()``.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_lightning.app.schemas import BatchNormPolicyConfig
 from bn_lightning.app.train import instantiate_callbacks, instantiate_loggers
-from bn_lightning.callbacks import BatchNormMonitor, RunningStatDrift
+from bn_lightning.callbacks import BatchNormFreeze, BatchNormGap, BatchNormMonitor, PreciseBN, RunningStatDrift
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
 from bn_lightning.module import BatchNormModule
-from bn_lightning.policy import BatchNormPolicy
+from bn_lightning.policy import BatchNormPolicy, FreezePolicy, PreciseBNPolicy
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -47,7 +50,8 @@ def test_groups_have_the_expected_options() -> None:
     assert {"digits", "synthetic"} <= set(options("data"))
     assert {"cnn", "mlp", "resnet20"} <= set(options("model"))
     assert set(options("bn")) == {"frozen", "ghost", "renorm", "scratch", "sync", "torch"}
-    assert {"default", "none"} <= set(options("callbacks"))
+    bn_callbacks = {"bn_monitor", "bn_drift", "precise_bn", "bn_gap", "bn_freeze"}
+    assert {"default", "none", *bn_callbacks} <= set(options("callbacks"))
     assert {"default", "ddp"} <= set(options("trainer"))
     assert {"csv", "many", "tensorboard", "wandb"} <= set(options("logger"))
     assert options("experiment"), "conf/experiment/ needs at least one example"
@@ -110,7 +114,7 @@ def test_model_instantiates_for_every_data(tmp_path: Path, data: str, model: str
 @pytest.mark.parametrize("bn", options("bn"))
 def test_bn_option_is_a_valid_policy(tmp_path: Path, bn: str) -> None:
     cfg = compose_config(tmp_path, (f"bn={bn}",))
-    assert OmegaConf.get_type(cfg.bn) is BatchNormPolicy  # typed by the `bn/base_policy` schema
+    assert OmegaConf.get_type(cfg.bn) is BatchNormPolicyConfig  # typed by the registered `bn_lightning/bn` option
     policy = BatchNormPolicy.from_config(cfg.bn)
     if bn == "frozen":  # fine-tuning style: torch BN, frozen half way through the default 10 epochs
         assert policy.impl == "torch" and policy.freeze is not None and policy.freeze.freeze_at_epoch == 5
@@ -127,20 +131,61 @@ def test_bn_policy_overrides(tmp_path: Path) -> None:
     assert BatchNormPolicy.from_config(cfg.bn) == BatchNormPolicy(
         impl="ghost", options={"virtual_batch_size": 8}, momentum=0.01
     )
-    # a null nested policy is set through its parent (OmegaConf cannot merge into a typed null)
-    cfg = compose_config(tmp_path, ("bn={precise_bn:{num_batches:5},freeze:{freeze_at_step:3}}",))
+    # the nested policies are off until one of their fields is set
+    assert BatchNormPolicy.from_config(compose_config(tmp_path).bn).precise_bn is None
+    cfg = compose_config(tmp_path, ("bn.precise_bn.num_batches=5", "bn.freeze.freeze_at_step=3"))
     policy = BatchNormPolicy.from_config(cfg.bn)
-    assert policy.precise_bn.num_batches == 5 and policy.precise_bn.when == "before_validation"
-    assert policy.freeze.freeze_at_step == 3
-    # the schema catches typos and wrong types when composing
-    for override in ("bn.momentun=0.1", "bn.momentum=fast", "bn={freeze:{at_epok:1}}"):
-        with pytest.raises(ConfigCompositionException):
-            compose_config(tmp_path, (override,))
-    # values the schema cannot judge fail when the policy is built (train() does that first), naming the allowed ones
-    cfg = compose_config(tmp_path, ("bn.impl=layernorm",))
-    allowed = r"expected one of \['frozen', 'ghost', 'renorm', 'scratch', 'sync', 'torch'\]"
-    with pytest.raises(ValueError, match=allowed):
+    assert policy.precise_bn == PreciseBNPolicy(num_batches=5) and policy.freeze == FreezePolicy(freeze_at_step=3)
+    cfg = compose_config(tmp_path, ("bn=frozen", "bn.freeze=null", "bn.precise_bn.enabled=true"))
+    policy = BatchNormPolicy.from_config(cfg.bn)
+    assert policy.freeze is None and policy.precise_bn == PreciseBNPolicy()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("bn.momentun=0.1", "momentun"), ("bn.momentum=fast", "bn.momentum"), ("bn.freeze.at_epok=1", "at_epok")],
+)
+def test_bn_typo_or_type_fails_at_composition(tmp_path: Path, override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(tmp_path, (override,))
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_bn_option_lists_the_real_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(tmp_path, ("bn=sinc",))
+    message = str(err.value)
+    assert "sinc" in message and all(o in message for o in options("bn")) and "base_policy" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ("bn.impl=gost", ValueError, r"impl.*'gost'.*expected one of \['frozen', 'ghost', 'renorm', 'scratch', 'sync'"),
+        ("bn.momentum=2", ValueError, r"momentum must be a number >= 0 and <= 1, got 2"),
+        ("bn.eps=0", ValueError, r"eps must be"),
+        ("bn.precise_bn.when=sometimes", ValueError, r"when must be one of"),
+    ],
+)
+def test_bad_bn_values_raise_naming_the_key(tmp_path: Path, override: str, error: type, match: str) -> None:
+    """Values a type cannot judge fail when the policy is built, the first thing train() does."""
+    cfg = compose_config(tmp_path, (override,))
+    with pytest.raises(error, match=match):
         BatchNormPolicy.from_config(cfg.bn)
+
+
+def test_bad_bn_option_value_raises_naming_the_key(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ("bn=ghost", "bn.options.virtual_batch_size=0"))
+    with pytest.raises(ValueError, match=r"options: .*virtual_batch_size must be an int >= 1, got 0"):
+        BatchNormPolicy.from_config(cfg.bn)
+
+
+def test_misspelt_option_exits_without_traceback(tmp_path: Path) -> None:
+    script = CONF_DIR.parent / "scripts" / "train.py"
+    result = subprocess.run([sys.executable, str(script), "bn=sinc"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Could not find 'bn/sinc'" in result.stderr and "Traceback" not in result.stderr
+    assert "base_policy" not in result.stderr
 
 
 def test_module_instantiates(cfg: DictConfig) -> None:
@@ -171,19 +216,32 @@ def test_callbacks_instantiate(tmp_path: Path, callbacks: str) -> None:
     objs = instantiate_callbacks(cfg.callbacks)
     assert all(isinstance(cb, pl.Callback) for cb in objs)
     if callbacks == "default":
-        ckpt = next(cb for cb in objs if isinstance(cb, ModelCheckpoint))
+        ckpt = next(cb for cb in objs if isinstance(cb, ModelCheckpoint) and cb.monitor)
         assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
-        assert ckpt.monitor == "val/acc" and ckpt.mode == "max" and ckpt.save_last
+        assert ckpt.monitor == "val/acc" and ckpt.mode == "max"
         assert any(isinstance(cb, LearningRateMonitor) for cb in objs)
         assert any(isinstance(cb, BatchNormMonitor) for cb in objs)  # the training script watches BN by default
         assert any(isinstance(cb, RunningStatDrift) for cb in objs)
     if callbacks == "none":
         assert objs == []
+    single = {"bn_monitor": BatchNormMonitor, "bn_drift": RunningStatDrift, "precise_bn": PreciseBN}
+    single |= {"bn_gap": BatchNormGap, "bn_freeze": BatchNormFreeze}
+    if callbacks in single:
+        assert [type(cb) for cb in objs] == [single[callbacks]]
+
+
+@pytest.mark.parametrize("callbacks", ["bn_monitor", "bn_drift", "precise_bn", "bn_gap", "bn_freeze"])
+def test_bn_callback_file_starts_from_the_registered_node(callbacks: str) -> None:
+    """No second copy of the defaults: the file only places the `bn_lightning/callbacks` option."""
+    text = (CONF_DIR / "callbacks" / f"{callbacks}.yaml").read_text()
+    keys = [line for line in text.splitlines() if line and not line.startswith(("#", " ", "defaults:"))]
+    assert keys == [] and f"- /bn_lightning/callbacks@{callbacks}: " in text
 
 
 def test_callback_can_be_dropped(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ("callbacks.lr_monitor=null", "callbacks.bn_drift=null"))
-    assert [type(cb) for cb in instantiate_callbacks(cfg.callbacks)] == [ModelCheckpoint, BatchNormMonitor]
+    kept = {type(cb) for cb in instantiate_callbacks(cfg.callbacks)}
+    assert BatchNormMonitor in kept and not kept & {LearningRateMonitor, RunningStatDrift}
 
 
 LOGGER_TYPES = {
@@ -209,6 +267,8 @@ def test_loggers_instantiate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lo
 
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainer_instantiates(tmp_path: Path, trainer: str) -> None:
+    if "gpu" in trainer and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     cfg = compose_config(tmp_path, (f"trainer={trainer}",))
     obj = hydra.utils.instantiate(cfg.trainer, logger=False)
     assert isinstance(obj, pl.Trainer)
@@ -231,5 +291,5 @@ def test_bn_sync_adds_the_plugin_to_the_trainer(tmp_path: Path) -> None:
 
     cfg = compose_config(tmp_path, ("bn=sync", "trainer=ddp"))
     assert cfg.bn.impl == "sync"  # the module converts; the plugin points the layers at its process group under DDP
-    plugin = hydra.utils.instantiate(cfg.trainer.plugins[0])
+    plugin = hydra.utils.instantiate(cfg.trainer.plugins)
     assert isinstance(plugin, SyncBatchNormPlugin) and plugin.group_size is None
