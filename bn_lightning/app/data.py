@@ -2,22 +2,72 @@
 
 Provides :class:`DigitsDataModule` (scikit-learn's 1,797 8x8 handwritten digits, standardised, stratified split) and
 :class:`SyntheticImageDataModule` (seeded Gaussian images whose class shifts the per-channel mean, so a model can
-learn them). Both expose ``num_classes`` and ``input_shape`` so a model can be sized from the datamodule.
+learn them). Both expose ``num_classes`` and ``input_shape`` so a model can be sized from the datamodule, and shuffle
+with :class:`EpochRandomSampler`, whose order depends only on ``(seed, epoch)``: a fit resumed from a checkpoint sees
+the batches the uninterrupted fit would have seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from bn_lightning.validation import check_int
 
-__all__ = ["DigitsDataModule", "SyntheticImageDataModule"]
+__all__ = ["DigitsDataModule", "EpochRandomSampler", "SyntheticImageDataModule"]
+
+
+class EpochRandomSampler(RandomSampler):
+    """A random permutation of the indices per epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every training epoch with the number of the epoch it runs,
+    restored from the checkpoint when a fit resumes, so a resumed fit draws the permutations the uninterrupted one would
+    have drawn (a generator seeded once per ``DataLoader`` would replay epoch 0's order instead). Without
+    :meth:`set_epoch` calls, as in a plain loop, each pass advances the epoch by one, so every pass reshuffles.
+
+    It is a :class:`~torch.utils.data.RandomSampler`, so under DDP Lightning replaces it, as any shuffling sampler, by
+    its :class:`~torch.utils.data.distributed.DistributedSampler`, which is seeded by the global seed and the epoch.
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: seed of the permutations, at least 0.
+
+    Raises:
+        ValueError: ``seed`` or the epoch is not an integer ``>= 0``.
+
+    Example::
+
+        >>> from bn_lightning.app.data import EpochRandomSampler
+        >>> sampler = EpochRandomSampler(range(6), seed=0)
+        >>> first, second = list(sampler), list(sampler)  # each pass is a new epoch
+        >>> sorted(first) == sorted(second) == list(range(6)), first != second
+        (True, True)
+        >>> sampler.set_epoch(1)  # what a resumed fit does before epoch 1
+        >>> list(sampler) == second
+        True
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = check_int(type(self).__name__, "seed", seed, 0)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass yield the permutation of ``epoch`` (Lightning calls this before every epoch)."""
+        self.epoch = check_int(type(self).__name__, "epoch", epoch, 0)
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        # SeedSequence mixes the pair, so (seed, epoch + 1) and (seed + 1, epoch) give unrelated permutations
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        order = torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(int(state))).tolist()
+        self.epoch += 1
+        return iter(order)
 
 
 class _TensorDataModule(LightningDataModule):
@@ -32,12 +82,13 @@ class _TensorDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is fixed by ``seed``."""
+        """Shuffled training batches; the order of each epoch is fixed by ``seed`` and the epoch."""
         self.setup()
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochRandomSampler(self.train_set, seed=self.seed),
+            # the workers' base seed comes from this generator, not from (and advancing) torch's global one
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             drop_last=self.drop_last,
@@ -62,20 +113,20 @@ class DigitsDataModule(_TensorDataModule):
 
     In :meth:`setup`, pixels are scaled to ``[0, 1]`` and then standardised with the mean and standard deviation (one
     scalar each) of the training split, so the training images have mean 0 and std 1. The train/val split is
-    stratified by label and fixed by ``seed``; the training loader shuffles with a generator seeded from ``seed``, so
-    two datamodules with the same arguments yield the same batches.
+    stratified by label and fixed by ``seed``; the training loader shuffles with an :class:`EpochRandomSampler` seeded
+    with ``seed``, so two datamodules with the same arguments yield the same batches in every epoch.
 
     Args:
         batch_size: samples per batch, at least 1.
         val_fraction: fraction of the samples held out for validation, in ``(0, 1)``.
-        seed: seed of the split and of the training shuffle.
+        seed: seed of the split and of the training shuffle, at least 0.
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
         flatten: yield ``(N, 64)`` vectors (for :class:`~bn_lightning.app.models.MLP`) instead of ``(N, 1, 8, 8)``
             images.
         drop_last: drop the last incomplete training batch (validation keeps every sample).
 
     Raises:
-        ValueError: ``batch_size < 1``, ``val_fraction`` outside ``(0, 1)`` or ``num_workers < 0``.
+        ValueError: ``batch_size < 1``, ``val_fraction`` outside ``(0, 1)``, ``seed < 0`` or ``num_workers < 0``.
 
     Attributes:
         num_classes: 10.
@@ -110,6 +161,7 @@ class DigitsDataModule(_TensorDataModule):
         check_int(type(self).__name__, "batch_size", batch_size, 1)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_int(type(self).__name__, "seed", seed, 0)
         check_int(type(self).__name__, "num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.batch_size = batch_size
@@ -161,13 +213,13 @@ class SyntheticImageDataModule(_TensorDataModule):
         num_samples: training samples.
         val_samples: validation samples.
         batch_size: samples per batch.
-        seed: seed of the data and of the training shuffle.
+        seed: seed of the data and of the training shuffle (an :class:`EpochRandomSampler`), at least 0.
         num_workers: ``DataLoader`` worker processes.
         drop_last: drop the last incomplete training batch (keeps every BN batch full-size).
 
     Raises:
-        ValueError: a non-positive ``shape`` entry, size or count, ``num_workers < 0``, or ``drop_last`` with fewer
-            ``num_samples`` than ``batch_size`` (the training loader would be empty).
+        ValueError: a non-positive ``shape`` entry, size or count, ``seed < 0``, ``num_workers < 0``, or ``drop_last``
+            with fewer ``num_samples`` than ``batch_size`` (the training loader would be empty).
 
     Attributes:
         num_classes: number of labels.
@@ -204,6 +256,7 @@ class SyntheticImageDataModule(_TensorDataModule):
         check_int(type(self).__name__, "num_samples", num_samples, 1)
         check_int(type(self).__name__, "val_samples", val_samples, 1)
         check_int(type(self).__name__, "batch_size", batch_size, 1)
+        check_int(type(self).__name__, "seed", seed, 0)
         check_int(type(self).__name__, "num_workers", num_workers, 0)
         if drop_last and num_samples < batch_size:
             raise ValueError(

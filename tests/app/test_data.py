@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch.utils.data import RandomSampler
 
-from bn_lightning.app.data import DigitsDataModule, SyntheticImageDataModule
+from bn_lightning.app.data import DigitsDataModule, EpochRandomSampler, SyntheticImageDataModule
 
 
 def _first_batch(dm):
@@ -94,6 +95,8 @@ def test_digits_setup_is_idempotent():
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"num_workers": -1}, "num_workers"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_digits_bad_arguments(kwargs, match):
@@ -160,6 +163,7 @@ def test_synthetic_labels_are_learnable():
         ({"batch_size": 0}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
         ({"num_samples": 10, "batch_size": 64}, "num_samples"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_synthetic_bad_arguments(kwargs, match):
@@ -171,3 +175,46 @@ def test_synthetic_small_without_drop_last():
     dm = SyntheticImageDataModule(num_samples=10, val_samples=4, batch_size=64, drop_last=False, shape=(1, 4, 4))
     dm.setup()
     assert len(dm.train_dataloader()) == 1
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch():
+    def order(seed, epoch):
+        sampler = EpochRandomSampler(range(50), seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert sorted(order(0, 0)) == list(range(50))
+    assert order(0, 3) == order(0, 3)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert order(0, 1) != order(1, 0)  # the pair is mixed, not summed
+    assert len(EpochRandomSampler(range(50))) == 50
+
+
+def test_epoch_sampler_advances_one_epoch_per_pass():
+    sampler = EpochRandomSampler(range(20), seed=5)
+    passes = [list(sampler) for _ in range(3)]
+    assert sampler.epoch == 3
+    sampler.set_epoch(1)
+    assert list(sampler) == passes[1]
+
+
+@pytest.mark.parametrize("dm_class", [DigitsDataModule, SyntheticImageDataModule])
+def test_train_loader_of_a_resumed_fit_continues_the_order(dm_class):
+    # Lightning calls set_epoch(epoch) on the sampler before every epoch, the restored epoch after a resume
+    kwargs = {"batch_size": 16} if dm_class is DigitsDataModule else {"num_samples": 64, "val_samples": 8}
+    loader = dm_class(seed=2, **kwargs).train_dataloader()
+    epochs = [torch.cat([y for _, y in loader]) for _ in range(3)]
+    resumed = dm_class(seed=2, **kwargs).train_dataloader()
+    resumed.sampler.set_epoch(2)
+    assert torch.equal(torch.cat([y for _, y in resumed]), epochs[2])
+    assert not torch.equal(epochs[0], epochs[2])
+    # a RandomSampler: under DDP Lightning swaps it for its epoch-aware DistributedSampler, as any shuffling sampler
+    assert isinstance(loader.sampler, RandomSampler) and isinstance(loader.sampler, EpochRandomSampler)
+
+
+def test_epoch_sampler_bad_arguments():
+    with pytest.raises(ValueError, match="seed"):
+        EpochRandomSampler(range(4), seed=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        EpochRandomSampler(range(4)).set_epoch(-1)
