@@ -90,7 +90,8 @@ class BatchNormModule(pl.LightningModule):
     The policy is stored as plain data in ``self.hparams.bn_policy`` (``dataclasses.asdict``), so loggers record it
     and checkpoints rebuild the same module: ``BatchNormModule.load_from_checkpoint(path, net=fresh_backbone)``.
 
-    Logs ``train/loss`` (every logged step and per epoch), ``val/loss`` and ``test/loss`` (per epoch), and, when
+    Logs ``train/loss_step`` (every logged step: this rank's loss, no collective), ``train/loss_epoch``, ``val/loss``
+    and ``test/loss`` (per epoch, averaged over every rank's batches with ``sync_dist=True``), and, when
     ``num_classes`` is given, the micro-averaged top-1 accuracy ``train/acc``, ``val/acc`` and ``test/acc`` (per
     epoch), accumulated by separate :class:`~torchmetrics.classification.MulticlassAccuracy` objects that Lightning
     computes, syncs across processes and resets each epoch.
@@ -233,13 +234,26 @@ class BatchNormModule(pl.LightningModule):
 
     def _log_step(self, stage: str, loss: Tensor, metric: MulticlassAccuracy | None, batch_size: int) -> None:
         training = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        if metric is not None:
+        if training:
+            # per step: this rank's loss, no collective on every step; per epoch: the mean over every rank's batches
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        else:
+            self.log(
+                f"{stage}/loss",
+                loss,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=batch_size,
+            )
+        if metric is not None:  # a torchmetrics Metric reduces over the ranks itself
             self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=not training, batch_size=batch_size)
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Loss of one training batch; logs ``train/loss`` (and ``train/acc``)."""
+        """Loss of one training batch; logs ``train/loss_step``, ``train/loss_epoch`` (and ``train/acc``)."""
         loss = self._shared_step(batch, self.train_acc)
         self._log_step("train", loss, self.train_acc, batch[1].shape[0])
         return loss

@@ -77,6 +77,7 @@ def test_train_fast(tmp_path: Path, model: str, bn: str) -> None:
     assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
 
 
+@pytest.mark.filterwarnings("ignore:bn=sync in a single process")  # tests/app/test_errors.py checks it
 @pytest.mark.parametrize("bn", ["sync", "ghost", "renorm", "frozen"])
 def test_train_fast_bn_policies(tmp_path: Path, bn: str) -> None:
     # frozen.yaml freezes at epoch 5; freeze at the start here, so the one short epoch runs frozen
@@ -157,11 +158,13 @@ def test_train_and_report_prints_summary(tmp_path: Path, capsys: pytest.CaptureF
     assert re.search(r"Final val/acc: (\d\.\d{4})", out).group(1) == f"{val_acc:.4f}"
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(
+    *args: str, timeout: float = 120, cwd: Path = ROOT, warnings: str = "ignore"
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": warnings}
     return subprocess.run(
-        [sys.executable, "scripts/train.py", *args],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -188,16 +191,24 @@ def test_cli_default_config_reaches_accuracy(tmp_path: Path) -> None:
 def test_cli_ddp_two_cpu_processes(tmp_path: Path, bn: str) -> None:
     """`trainer=ddp`: Lightning re-runs the script for rank 1; both ranks train and rank 0 reports.
 
+    Run from a fresh working directory with the default timestamped `hydra.run.dir`: the run writes exactly one
+    directory (rank 1 reuses rank 0's), one train.log whose lines name their rank, and no `sync_dist` warning.
     With `bn=sync` the BN layers are synchronised over gloo on CPU, where torch's SyncBatchNorm refuses to run.
     """
-    proc = run_cli(f"hydra.run.dir={tmp_path}", "trainer=ddp", f"bn={bn}", *SHRINK)
+    proc = run_cli("trainer=ddp", "trainer.devices=2", f"bn={bn}", *SHRINK, cwd=tmp_path, warnings="default")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "csv", "train.log"]
     if bn == "sync":  # synchronisation itself is checked in tests/test_plugins.py
-        assert "SyncBatchNormPlugin" in (tmp_path / ".hydra" / "config.yaml").read_text()
-        assert "impl: sync" in (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+        assert "SyncBatchNormPlugin" in (run_dir / ".hydra" / "config.yaml").read_text()
+        assert "impl: sync" in (run_dir / "csv" / "version_0" / "hparams.yaml").read_text()
     assert proc.stdout.count("Final val/acc:") == 1  # printed by rank 0 only
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert "][rank 0][" in log and "][rank 1][" in log
+    assert "sync_dist" not in proc.stderr  # epoch-level metrics are synchronised
 
 
 def test_train_sets_the_bn_kernel_and_refuses_an_unknown_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,4 +220,4 @@ def test_train_sets_the_bn_kernel_and_refuses_an_unknown_one(tmp_path: Path, mon
         train(shrunk_config(tmp_path, "bn_kernel=fast"))
     assert not (tmp_path / "checkpoints").exists()
     metrics, _ = train(shrunk_config(tmp_path, "bn=scratch", "model=mlp", "bn_kernel=compiled"))
-    assert BF.get_kernel() == "compiled" and metrics["train/loss"] > 0
+    assert BF.get_kernel() == "compiled" and metrics["train/loss_epoch"] > 0
