@@ -1,15 +1,14 @@
 """Training from a composed Hydra config, callable without the command line.
 
-Provides :func:`train` (``cfg -> (metrics, objects)``, what tests call), :func:`train_and_report` (``train`` plus a
-printed summary), :func:`main` (the command line: ``scripts/train.py``, the ``bn-train`` console script and
-``python -m bn_lightning.app.train`` all call it), :func:`config_dir` (where ``conf/`` is), :func:`check_config`
-(the checks made before anything is built), :class:`RankFilter` (tags log records with the global rank) and the
-helpers :func:`instantiate_callbacks` and :func:`instantiate_loggers`. The config layout is the one under
-``conf/``: ``data``, ``model`` (the network), ``bn`` (the BatchNorm policy,
+Provides :func:`train` (``cfg -> (metrics, objects)``, what tests call; :func:`build` then :func:`fit`),
+:func:`train_and_report` (``train`` plus a printed summary), :func:`main` (the command line: ``scripts/train.py``, the
+``bn-train`` console script and ``python -m bn_lightning.app.train`` all call it), :func:`config_dir` (where ``conf/``
+is), :func:`check_config` (the checks made before anything is built), :class:`RankFilter` (tags log records with the
+global rank) and the helpers :func:`instantiate_callbacks` and :func:`instantiate_loggers`. The config layout is the one
+under ``conf/``: ``data``, ``model`` (the network), ``bn`` (the BatchNorm policy,
 :class:`bn_lightning.policy.BatchNormPolicy`), ``module`` (the LightningModule around the network, which applies the
-policy), ``callbacks``, ``logger`` and ``trainer``. Importing this module imports
-:mod:`bn_lightning.hydra`, which registers the ``bn_lightning/*`` configs the ``conf/bn`` and ``conf/callbacks``
-files start from.
+policy), ``callbacks``, ``logger`` and ``trainer``. Importing this module imports :mod:`bn_lightning.hydra`, which
+registers the ``bn_lightning/*`` configs the ``conf/bn`` and ``conf/callbacks`` files start from.
 """
 
 from __future__ import annotations
@@ -36,8 +35,10 @@ from bn_lightning.validation import check_bool, check_int
 
 __all__ = [
     "RankFilter",
+    "build",
     "check_config",
     "config_dir",
+    "fit",
     "instantiate_callbacks",
     "instantiate_loggers",
     "main",
@@ -239,26 +240,25 @@ def _warn_about_launch(trainer: pl.Trainer, bn_policy: BatchNormPolicy) -> None:
         )
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Instantiate everything ``cfg`` describes and fit; the whole training run, without the command line.
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Check ``cfg`` and instantiate everything it describes, up to the Trainer; nothing is trained.
 
-    Steps: check the trainer's basic types and ``ckpt_path`` (:func:`check_config`), choose the BN kernel
-    (``cfg.bn_kernel``, see :func:`bn_lightning.functional.set_kernel`), seed (if
-    ``cfg.seed`` is set), then instantiate ``cfg.data`` (the datamodule), ``cfg.model`` (the network),
-    ``cfg.module`` (the LightningModule, given the network as ``net`` and ``cfg.bn`` as ``bn_policy``: it converts
-    the BN layers and adds the policy's callbacks), ``cfg.callbacks`` and ``cfg.logger`` (mappings of name -> config;
-    ``None`` entries are skipped) and ``cfg.trainer``; warn about a launch that does not do what the config suggests
-    (``bn=sync`` in one process, more CPU processes than cores); log the resolved config to the loggers and call
-    ``trainer.fit``, resuming from ``cfg.ckpt_path`` if it is set.
+    Steps: check the trainer's basic types and ``ckpt_path`` (:func:`check_config`), validate the BN policy, choose
+    the BN kernel (``cfg.bn_kernel``, see :func:`bn_lightning.functional.set_kernel`), seed (if ``cfg.seed`` is set),
+    then instantiate ``cfg.data`` (the datamodule), ``cfg.model`` (the network), ``cfg.module`` (the
+    LightningModule, given the network as ``net`` and ``cfg.bn`` as ``bn_policy``: it converts the BN layers and adds
+    the policy's callbacks), ``cfg.callbacks`` and ``cfg.logger`` (mappings of name -> config; ``None`` entries are
+    skipped) and ``cfg.trainer``; warn about a launch that does not do what the config suggests (``bn=sync`` in one
+    process, more CPU processes than cores). Every bad config value raises here (``ValueError``, ``TypeError`` or
+    Hydra's ``InstantiationException``), which is why :func:`main` reports errors of this phase in one line.
 
     Args:
         cfg: a config composed from ``conf/`` (``scripts/train.py`` or ``hydra.compose``).
 
     Returns:
-        ``(metrics, objects)``: ``metrics`` maps each of ``trainer.callback_metrics`` (``val/acc``, ``val/loss``,
-        ``train/loss``, ...) to a float, from the last epoch; ``objects`` holds ``cfg``, ``datamodule``, ``model`` (the
-        network, its BN layers converted by the module), ``bn_policy``, ``module``, ``callbacks`` (the config's; the
-        policy's own are in ``trainer.callbacks``), ``loggers`` and ``trainer``.
+        ``cfg``, ``datamodule``, ``model`` (the network, its BN layers converted by the module), ``bn_policy``,
+        ``module``, ``callbacks`` (the config's; the policy's own are in ``trainer.callbacks``), ``loggers`` and
+        ``trainer``, by name.
     """
     check_config(cfg)
     # the module validates the policy again; checking it first makes a bad `bn` fail before anything is built
@@ -285,8 +285,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # no loggers -> False: Trainer(logger=None) would add a default logger of its own
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _warn_about_launch(trainer, bn_policy)
-
-    objects = {
+    return {
         "cfg": cfg,
         "datamodule": datamodule,
         "model": model,
@@ -296,29 +295,54 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "loggers": loggers,
         "trainer": trainer,
     }
-    _log_hyperparameters(loggers, cfg, module)
 
+
+def fit(objects: dict[str, Any]) -> dict[str, float]:
+    """Log the resolved config to the loggers and fit what :func:`build` made, resuming from ``cfg.ckpt_path``.
+
+    Args:
+        objects: :func:`build`'s result.
+
+    Returns:
+        Each of ``trainer.callback_metrics`` (``val/acc``, ``val/loss``, ``train/loss_epoch``, ...) as a float, from
+        the last epoch.
+    """
+    cfg, trainer, loggers = objects["cfg"], objects["trainer"], objects["loggers"]
+    _log_hyperparameters(loggers, cfg, objects["module"])
     ckpt_path = cfg.get("ckpt_path")
     log.info("Starting training" + (f", resuming from {ckpt_path}" if ckpt_path else ""))
     try:
-        trainer.fit(model=module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model=objects["module"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
     finally:
         _finish_wandb(loggers)
-
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    return metrics, objects
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 
-def train_and_report(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """The whole training run, without the command line: :func:`build`, then :func:`fit`.
+
+    Args:
+        cfg: a config composed from ``conf/`` (``scripts/train.py`` or ``hydra.compose``).
+
+    Returns:
+        ``(metrics, objects)``: :func:`fit`'s metrics and :func:`build`'s objects.
+    """
+    objects = build(cfg)
+    return fit(objects), objects
+
+
+def train_and_report(cfg: DictConfig, objects: dict[str, Any] | None = None) -> float | None:
     """Run :func:`train` and print where the run was written and the final ``val/acc`` (from rank 0 only).
 
     Args:
         cfg: a config composed from ``conf/``.
+        objects: what :func:`build` already made from ``cfg`` (``None``: build it here).
 
     Returns:
         The final ``val/acc`` (the value a Hydra sweeper would optimise), or ``None`` if validation never ran.
     """
-    metrics, objects = train(cfg)
+    objects = build(cfg) if objects is None else objects
+    metrics = fit(objects)
     trainer: pl.Trainer = objects["trainer"]
     val_acc = metrics.get("val/acc")
     log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
@@ -407,9 +431,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def _task(cfg: DictConfig) -> float | None:
-    """The Hydra task: :func:`train_and_report`; a bad config value ends in one line ``Error: ...`` and exit code 2."""
+    """The Hydra task: :func:`train_and_report`; a bad config value ends in one line ``Error: ...`` and exit code 2.
+
+    Only errors raised while the run is built (:func:`build`: every config check and instantiation) are shortened;
+    an error during training keeps its traceback.
+    """
     try:
-        return train_and_report(cfg)
+        objects = build(cfg)
     except (ValueError, TypeError, InstantiationException) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -417,6 +445,7 @@ def _task(cfg: DictConfig) -> float | None:
         print(f"Error: {_one_line(error)}", file=sys.stderr)
         print("Set the environment variable HYDRA_FULL_ERROR=1 for the complete stack trace.", file=sys.stderr)
         sys.exit(2)
+    return train_and_report(cfg, objects)
 
 
 def main() -> None:

@@ -58,6 +58,14 @@ def test_cli_bad_value_is_one_line_and_builds_nothing(tmp_path: Path, override: 
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # Hydra's own files only
 
 
+def test_cli_error_during_training_keeps_its_traceback(tmp_path: Path) -> None:
+    # a loss that cannot take class targets: a ValueError in training_step, not a config check
+    proc = run_cli(tmp_path, *TINY, "module.loss._target_=torch.nn.BCEWithLogitsLoss", "~module.loss.label_smoothing")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ValueError: Target size" in proc.stderr
+    assert not any(line.startswith("Error: ") for line in proc.stderr.splitlines())  # not shortened to one line
+
+
 def test_cli_full_error_shows_the_traceback(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, "trainer.max_epochs=abc", full_error=True)
     assert proc.returncode != 0
