@@ -76,6 +76,7 @@ class _TensorDataModule(LightningDataModule):
     train_set: TensorDataset
     val_set: TensorDataset
     batch_size: int
+    val_batch_size: int | None
     seed: int
     num_workers: int
     drop_last: bool
@@ -97,11 +98,11 @@ class _TensorDataModule(LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
+        """Validation batches in a fixed order, of ``val_batch_size`` samples (``None``: ``batch_size``)."""
         self.setup()
         return DataLoader(
             self.val_set,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if self.val_batch_size is None else self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -118,6 +119,8 @@ class DigitsDataModule(_TensorDataModule):
 
     Args:
         batch_size: samples per batch, at least 1.
+        val_batch_size: samples per validation batch (``None``: ``batch_size``), e.g. large batches for a run that
+            trains on tiny ones, so that validation-time batch statistics (``BatchNormGap``) are not tiny too.
         val_fraction: fraction of the samples held out for validation, in ``(0, 1)``.
         seed: seed of the split and of the training shuffle, at least 0.
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
@@ -156,9 +159,11 @@ class DigitsDataModule(_TensorDataModule):
         num_workers: int = 0,
         flatten: bool = False,
         drop_last: bool = False,
+        val_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         check_int(type(self).__name__, "batch_size", batch_size, 1)
+        self.val_batch_size = check_int(type(self).__name__, "val_batch_size", val_batch_size, 1, optional=True)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
         check_int(type(self).__name__, "seed", seed, 0)
@@ -213,6 +218,7 @@ class SyntheticImageDataModule(_TensorDataModule):
         num_samples: training samples.
         val_samples: validation samples.
         batch_size: samples per batch.
+        val_batch_size: samples per validation batch (``None``: ``batch_size``).
         seed: seed of the data and of the training shuffle (an :class:`EpochRandomSampler`), at least 0.
         num_workers: ``DataLoader`` worker processes.
         drop_last: drop the last incomplete training batch (keeps every BN batch full-size).
@@ -247,8 +253,10 @@ class SyntheticImageDataModule(_TensorDataModule):
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = True,
+        val_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.val_batch_size = check_int(type(self).__name__, "val_batch_size", val_batch_size, 1, optional=True)
         shape = tuple(shape)
         if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"`shape` must be a non-empty sequence of positive integers, got {shape!r}")

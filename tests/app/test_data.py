@@ -218,3 +218,19 @@ def test_epoch_sampler_bad_arguments():
         EpochRandomSampler(range(4), seed=-1)
     with pytest.raises(ValueError, match="epoch"):
         EpochRandomSampler(range(4)).set_epoch(-1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: DigitsDataModule(batch_size=2, drop_last=True, **kw),
+        lambda **kw: SyntheticImageDataModule(shape=(3, 4, 4), num_samples=8, val_samples=20, batch_size=2, **kw),
+    ],
+)
+def test_validation_batch_size_is_separate_from_training(make):
+    dm = make(val_batch_size=16)
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 2
+    assert next(iter(dm.val_dataloader()))[0].shape[0] == 16
+    assert next(iter(make().val_dataloader()))[0].shape[0] == 2  # None: the training batch size
+    with pytest.raises(ValueError, match="val_batch_size must be None or an int >= 1, got 0"):
+        make(val_batch_size=0)

@@ -25,6 +25,7 @@ def small_batch_config(output_dir: Path, *overrides: str) -> DictConfig:
 def test_small_batch_composes(tmp_path: Path) -> None:
     cfg = small_batch_config(tmp_path)
     assert cfg.data.batch_size <= 4 and cfg.bn.momentum is None  # tiny per-device batches, default momentum
+    assert cfg.model._target_ == "bn_lightning.app.models.MLP" and cfg.data.val_batch_size == 64
     assert cfg.callbacks.bn_drift._target_ == "bn_lightning.callbacks.RunningStatDrift"
     assert cfg.callbacks.bn_gap._target_ == "bn_lightning.callbacks.BatchNormGap"
     assert cfg.task_name == "small_batch"
