@@ -23,18 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.app import QUICK_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_CHARS = 12_000
 NOT_RUN = ("pip ", "pytest", "python -m pytest", "ruff ", "bash .ci/run")
-SHRINK = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-)
+SHRINK = QUICK_RUN
 TIMEOUT_S = 600
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _INLINE = re.compile(r"`(python scripts/[^`]+)`")

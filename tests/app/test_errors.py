@@ -16,16 +16,10 @@ from omegaconf import OmegaConf
 import bn_lightning.app.train as app_train
 from bn_lightning.app.train import check_config, config_dir, train
 from bn_lightning.policy import BatchNormPolicy
+from tests.helpers.app import QUICK_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-)
+TINY = QUICK_RUN
 
 
 def run_cli(cwd: Path, *args: str, full_error: bool = False) -> subprocess.CompletedProcess[str]:

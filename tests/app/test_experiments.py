@@ -12,6 +12,7 @@ import bn_lightning.hydra  # noqa: F401  (registers the bn_lightning/* groups th
 from bn_lightning.app.summary import summarize_run
 from bn_lightning.app.train import train
 from bn_lightning.policy import BatchNormPolicy
+from tests.helpers.app import QUICK_RUN_LOGGED
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -39,12 +40,7 @@ def test_small_batch_composes(tmp_path: Path) -> None:
 def test_small_batch_run_warns(tmp_path: Path) -> None:
     cfg = small_batch_config(
         tmp_path,
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *QUICK_RUN_LOGGED,
         "callbacks.bn_gap.num_batches=2",
     )
     with warnings.catch_warnings(record=True) as caught:

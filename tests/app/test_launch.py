@@ -17,18 +17,11 @@ from hydra import compose, initialize_config_dir
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.app.train import config_dir
+from tests.helpers.app import QUICK_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train.py"
-TINY = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks=none",
-)
+TINY = (*QUICK_RUN, "callbacks=none")
 
 
 class SaveBNBuffers(pl.Callback):

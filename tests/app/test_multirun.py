@@ -20,18 +20,11 @@ from bn_lightning.app.summary import (
     summarize_run,
     trainer_processes,
 )
+from tests.helpers.app import QUICK_RUN_LOGGED
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train.py"
-TINY = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-)
+TINY = QUICK_RUN_LOGGED
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 

@@ -21,20 +21,13 @@ from bn_lightning.app.train import train, train_and_report
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
 from bn_lightning.module import BatchNormModule
 from bn_lightning.policy import BatchNormPolicy
+from tests.helpers.app import QUICK_RUN_LOGGED
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 
 # a couple of batches per epoch, quiet: each run takes about a second
-SHRINK = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-)
+SHRINK = QUICK_RUN_LOGGED
 
 
 def shrunk_config(output_dir: Path, *overrides: str) -> DictConfig:
