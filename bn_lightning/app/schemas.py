@@ -51,14 +51,9 @@ __all__ = [
 
 
 @dataclass
-class FreezePolicyConfig:
-    """``bn.freeze``: :class:`~bn_lightning.policy.FreezePolicy`'s fields plus ``enabled`` (see the module docstring).
+class _FreezeFields:
+    """:class:`~bn_lightning.callbacks.freeze.BatchNormFreeze`'s arguments: the callback's schema and ``bn.freeze``."""
 
-    Args: see :class:`~bn_lightning.callbacks.freeze.BatchNormFreeze`; ``enabled``: ``null`` on when any other
-    field is set, ``true``/``false`` force it.
-    """
-
-    enabled: Optional[bool] = None  # noqa: UP045
     freeze_at_epoch: Optional[int] = None  # noqa: UP045
     freeze_at_step: Optional[int] = None  # noqa: UP045
     include: Optional[List[str]] = None  # noqa: UP006, UP045
@@ -68,7 +63,27 @@ class FreezePolicyConfig:
 
 
 @dataclass
-class PreciseBNPolicyConfig:
+class _PreciseBNFields:
+    """The :class:`~bn_lightning.callbacks.precise_bn.PreciseBN` arguments that ``bn.precise_bn`` also holds."""
+
+    num_batches: int = 200
+    when: str = "before_validation"
+    every_n_epochs: int = 1
+
+
+@dataclass
+class FreezePolicyConfig(_FreezeFields):
+    """``bn.freeze``: :class:`~bn_lightning.policy.FreezePolicy`'s fields plus ``enabled`` (see the module docstring).
+
+    Args: see :class:`~bn_lightning.callbacks.freeze.BatchNormFreeze`; ``enabled``: ``null`` on when any other
+    field is set, ``true``/``false`` force it.
+    """
+
+    enabled: Optional[bool] = None  # noqa: UP045
+
+
+@dataclass
+class PreciseBNPolicyConfig(_PreciseBNFields):
     """``bn.precise_bn``: :class:`~bn_lightning.policy.PreciseBNPolicy`'s fields plus ``enabled`` (see above).
 
     Args: see :class:`~bn_lightning.callbacks.precise_bn.PreciseBN`; ``enabled``: ``null`` on when any other
@@ -76,9 +91,6 @@ class PreciseBNPolicyConfig:
     """
 
     enabled: Optional[bool] = None  # noqa: UP045
-    num_batches: int = 200
-    when: str = "before_validation"
-    every_n_epochs: int = 1
 
 
 @dataclass
@@ -135,13 +147,10 @@ class RunningStatDriftConfig:
 
 
 @dataclass
-class PreciseBNConfig:
+class PreciseBNConfig(_PreciseBNFields):
     """:class:`~bn_lightning.callbacks.precise_bn.PreciseBN` (see it for what every field means)."""
 
     _target_: str = "bn_lightning.callbacks.PreciseBN"
-    num_batches: int = 200
-    when: str = "before_validation"
-    every_n_epochs: int = 1
     forward_fn: Any = None  # a callable: set it with a `_target_`/`_partial_` node
     progress: Optional[bool] = None  # noqa: UP045
     prefix: str = "bn"
@@ -159,16 +168,10 @@ class BatchNormGapConfig:
 
 
 @dataclass
-class BatchNormFreezeConfig:
+class BatchNormFreezeConfig(_FreezeFields):
     """:class:`~bn_lightning.callbacks.freeze.BatchNormFreeze` (see it for what every field means)."""
 
     _target_: str = "bn_lightning.callbacks.BatchNormFreeze"
-    freeze_at_epoch: Optional[int] = None  # noqa: UP045
-    freeze_at_step: Optional[int] = None  # noqa: UP045
-    include: Optional[List[str]] = None  # noqa: UP006, UP045
-    exclude: Optional[List[str]] = None  # noqa: UP006, UP045
-    freeze_affine: bool = False
-    unfreeze_at_epoch: Optional[int] = None  # noqa: UP045
 
 
 @dataclass
