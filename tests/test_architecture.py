@@ -1,8 +1,9 @@
 """The floors of the package (docs/architecture.md), checked on the source: who may import what.
 
-- core (torch only): functional/, layers/, convert.py, precise_bn.py, distributed.py, validation.py;
+- core (torch only): functional/, layers/, convert.py, precise_bn.py, distributed.py, validation.py, health.py,
+  guards.py, sync_stats.py;
 - Lightning: callbacks/, plugins.py, module.py, policy.py;
-- app: hydra.py, app/.
+- app: hydra.py, app/, report/.
 
 A floor imports only floors below it, and no module imports an underscore name (or an underscore module) from
 another subpackage or top-level module of bn_lightning. Import-time environment reads are checked in a fresh
@@ -20,9 +21,9 @@ import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bn_lightning"
-CORE = {"functional", "layers", "convert", "precise_bn", "distributed", "validation"}
+CORE = {"functional", "layers", "convert", "precise_bn", "distributed", "validation", "health", "guards", "sync_stats"}
 LIGHTNING = {"callbacks", "plugins", "module", "policy"}
-APP = {"hydra", "app"}
+APP = {"hydra", "app", "report"}
 FLOOR = {**{name: 0 for name in CORE}, **{name: 1 for name in LIGHTNING}, **{name: 2 for name in APP}}
 # third-party packages each floor may not import anywhere (function-level imports included) ...
 FORBIDDEN = {

@@ -11,17 +11,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from bn_lightning.callbacks.base import BatchNormCallbackBase
 from bn_lightning.callbacks.recorder import LayerBatch
-from bn_lightning.validation import check_choice, check_int, check_number, check_probability
+from bn_lightning.health import CHECKS, HealthChecks
+from bn_lightning.layers import SyncBatchNorm
+from bn_lightning.validation import check_choice
 
 __all__ = ["CHECKS", "BatchNormHealthError", "RunningStatDrift", "gaussian_kl"]
 
-#: health checks and what they look at
-CHECKS = ("nonfinite", "small_batch", "collapse", "drift")
 ACTIONS = ("warn", "raise", "ignore")
 
 
@@ -55,12 +55,14 @@ class RunningStatDrift(BatchNormCallbackBase):
     - ``batch_size``: the smallest per-device batch (input dim 0) across ranks;
     - ``collapsed_frac``: fraction of channels with batch variance <= ``collapse_var``;
     - ``nonfinite_running``: number of NaN/inf entries in the running statistics;
+    - ``nonfinite_batch``: number of channels whose batch statistics are NaN/inf (the input to the layer held them);
     - under DDP: ``rank_disagreement``: max over channels and ranks of ``|R_rank - mean_ranks(R)| / std``, with
       ``std = sqrt(mean_ranks(running_var) + eps)``: without SyncBatchNorm each rank ends with its own running
       statistics, the silent cause of rank-dependent evaluation.
 
-    Health checks (:data:`CHECKS`) with actionable messages naming the layer and step: ``nonfinite`` (non-finite
-    running statistics), ``small_batch`` (per-device batch below ``min_batch_size``), ``collapse`` (more than
+    Health checks (:class:`~bn_lightning.health.HealthChecks`), with messages naming the layer and the
+    step, what was seen and what to do: ``nonfinite`` (non-finite batch or running statistics), ``small_batch``
+    (per-device batch below ``min_batch_size``; for a SyncBatchNorm, all ranks' samples), ``collapse`` (more than
     ``max_collapsed_frac`` of the channels collapsed), ``drift`` (``drift_kl`` above ``max_drift_kl``). Each check's
     action is ``"warn"`` (default; once per layer and check), ``"raise"`` (:class:`BatchNormHealthError` on every rank
     alike, since the values are reduced first) or ``"ignore"``. Alert counts are kept in checkpoints.
@@ -94,6 +96,7 @@ class RunningStatDrift(BatchNormCallbackBase):
         "batch_size": "min",
         "collapsed_frac": "mean",
         "nonfinite_running": "max",
+        "nonfinite_batch": "max",
     }
 
     def __init__(
@@ -115,11 +118,12 @@ class RunningStatDrift(BatchNormCallbackBase):
         for check, action in dict(actions or {}).items():
             check_choice(owner, "a health check in actions", check, CHECKS)
             self.actions[check] = check_choice(owner, f"actions[{check!r}]", action, ACTIONS)
-        self.min_batch_size = check_int(owner, "min_batch_size", min_batch_size)
-        self.max_drift_kl = check_number(owner, "max_drift_kl", max_drift_kl, low=0, low_open=True)
-        self.collapse_var = check_number(owner, "collapse_var", collapse_var, low=0, low_open=True)
-        self.max_collapsed_frac = check_probability(owner, "max_collapsed_frac", max_collapsed_frac)
-        self.drift_warmup_steps = check_int(owner, "drift_warmup_steps", drift_warmup_steps, minimum=0)
+        checks = HealthChecks(min_batch_size, max_drift_kl, collapse_var, max_collapsed_frac, drift_warmup_steps)
+        self.min_batch_size = checks.min_batch_size
+        self.max_drift_kl = checks.max_drift_kl
+        self.collapse_var = checks.collapse_var
+        self.max_collapsed_frac = checks.max_collapsed_frac
+        self.drift_warmup_steps = checks.drift_warmup_steps
         self._previous_dict: dict[str, tuple[Tensor, Tensor]] = {}
         # the running statistics at the previous record, packed like LayerBatch.running, and which rows hold them;
         # while set, they are the truth and _previous_dict is stale
@@ -192,6 +196,7 @@ class RunningStatDrift(BatchNormCallbackBase):
             batch.batch,
             ((var <= self.collapse_var) & mask).sum(1) / n,
             (~torch.isfinite(running)).sum((1, 2)),
+            ((~torch.isfinite(mean) | ~torch.isfinite(var)) & mask).sum(1),
         ]
         values = torch.stack([c.float() for c in columns], dim=1)
         rows = torch.cat([values, torch.where(mask, rm, nan), torch.where(mask, rv, nan)], dim=1)
@@ -214,53 +219,27 @@ class RunningStatDrift(BatchNormCallbackBase):
 
     @override
     def on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
+        checks = self.checks
         for layer, stats in values.items():
-            self._check(layer, step, stats)
+            self._check(trainer, checks, layer, step, stats)
 
-    def _check(self, layer: str, step: int, stats: dict[str, float]) -> None:
+    @property
+    def checks(self) -> HealthChecks:
+        """The health checks with this callback's current thresholds."""
+        return HealthChecks(
+            self.min_batch_size, self.max_drift_kl, self.collapse_var, self.max_collapsed_frac, self.drift_warmup_steps
+        )
+
+    def _check(self, trainer: pl.Trainer, checks: HealthChecks, layer: str, step: int, stats: dict[str, float]) -> None:
         if "batch_size" not in stats:  # layer without running statistics
             return
-        failures = []
-        if stats.get("nonfinite_running", 0) > 0:
-            failures.append(
-                (
-                    "nonfinite",
-                    f"running statistics hold {int(stats['nonfinite_running'])} non-finite values; the "
-                    "activations overflowed (learning rate too high? float16 without loss scaling?)",
-                )
-            )
-        if stats["batch_size"] < self.min_batch_size:
-            failures.append(
-                (
-                    "small_batch",
-                    f"per-device batch of {int(stats['batch_size'])} is below {self.min_batch_size}: its "
-                    "statistics are noisy; synchronise them (bn_lightning.SyncBatchNorm / `bn=sync`), or use "
-                    "GhostBatchNorm or GroupNorm",
-                )
-            )
-        if stats["collapsed_frac"] > self.max_collapsed_frac:
-            failures.append(
-                (
-                    "collapse",
-                    f"{stats['collapsed_frac']:.0%} of the channels have batch variance <= "
-                    f"{self.collapse_var:g} (dead units feeding this layer)",
-                )
-            )
-        # drift_kl is absent (NaN) when the statistics are non-finite
-        if stats.get("drift_kl", 0.0) > self.max_drift_kl and self.batches_seen > self.drift_warmup_steps:
-            failures.append(
-                (
-                    "drift",
-                    f"running statistics drift from the batch statistics by KL {stats['drift_kl']:.3g} nats "
-                    f"(threshold {self.max_drift_kl:g}): eval-mode outputs will differ from training; lower the "
-                    "momentum, or recalibrate with PreciseBN",
-                )
-            )
-        for check, why in failures:
-            count = self.alerts[check].get(layer, 0) + 1
-            self.alerts[check][layer] = count
-            action = self.actions[check]
-            message = f"BatchNorm health check '{check}' failed for layer '{layer}' at step {step}: {why}."
+        synchronised = isinstance(self._layers.get(layer), (nn.SyncBatchNorm, SyncBatchNorm))
+        alerts = checks.evaluate(stats, self.batches_seen, synchronised, trainer.world_size)
+        for alert in alerts:
+            count = self.alerts[alert.check].get(layer, 0) + 1
+            self.alerts[alert.check][layer] = count
+            action = self.actions[alert.check]
+            message = alert.message(layer, step)
             if action == "raise":
                 raise BatchNormHealthError(message)
             if action == "warn" and count == 1:

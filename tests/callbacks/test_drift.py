@@ -375,3 +375,26 @@ def test_ddp_with_sync_batchnorm_plugin_agrees(tmp_path):
     assert all(value < 1e-5 for value in disagreement.values()), disagreement
     for layer in disagreement:
         torch.testing.assert_close(r0["running"][layer][0], r1["running"][layer][0])
+
+
+@pytest.mark.parametrize("kind", ["torch", "ours"])
+def test_nonfinite_input_is_named_as_the_cause(tmp_path, kind):
+    """A NaN in the input batch: the message says the batch statistics were non-finite, before guessing a cause."""
+    data = _batches()
+    data[0, 0, 0, 0] = float("nan")  # the first batch; the conv spreads it to every channel
+    drift = RunningStatDrift(log_every_n_steps=1, actions={"nonfinite": "raise"})
+    message = r"'nonfinite' failed for layer 'bn' at step 1: the batch statistics of 4 channels are non-finite"
+    with pytest.raises(BatchNormHealthError, match=message + r".*input held NaN/inf.*BatchNormGuard"):
+        _fit(ConvBN(_bn(kind)), [drift], tmp_path, data)
+
+
+def test_small_batch_of_a_sync_layer_counts_every_rank():
+    from bn_lightning.health import HealthChecks
+
+    checks = HealthChecks(min_batch_size=8)
+    local = checks.evaluate({"batch_size": 2}, batches_seen=1)
+    assert [a.check for a in local] == ["small_batch"] and "bn=sync" in local[0].advice
+    assert "Ghost" not in local[0].seen + local[0].advice  # smaller virtual batches would not help
+    assert checks.evaluate({"batch_size": 4}, batches_seen=1, synchronised=True, world_size=2) == []
+    synced = checks.evaluate({"batch_size": 2}, batches_seen=1, synchronised=True, world_size=2)
+    assert "synchronised statistics come from 4 samples" in synced[0].seen and "bn=sync" not in synced[0].advice

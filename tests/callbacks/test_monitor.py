@@ -290,7 +290,9 @@ def _expected_mixed(seen: list[dict[str, torch.Tensor]], step: int, drift_every:
     }
     if drift_every is not None:
         kl = gaussian_kl(mean, var + s["eps"], s["rm0"], s["rv0"] + s["eps"])
+        nonfinite_batch = (~torch.isfinite(mean) | ~torch.isfinite(var)).sum()
         expected.update(drift_kl=kl.mean(), drift_kl_max=kl.max(), batch_size=8, nonfinite_running=0.0)
+        expected.update(nonfinite_batch=nonfinite_batch)
         if step >= drift_every:  # against the running statistics of the previous record
             rm1, rv1 = seen[step - drift_every]["rm"], seen[step - drift_every]["rv"]
             expected["rm_velocity"] = (s["rm"] - rm1).norm() / rm1.norm()
