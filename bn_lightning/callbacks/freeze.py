@@ -47,7 +47,9 @@ class BatchNormFreeze(Callback):
     The layers are NEVER frozen with ``track_running_stats=False``: on a layer in training mode that makes BN
     normalise with batch statistics (Lightning issue #15062; see the module docstring).
 
-    :meth:`unfreeze` (or ``unfreeze_at_epoch``) puts the layers back in the model's mode. The state (whether frozen,
+    :meth:`unfreeze` (or ``unfreeze_at_epoch``) puts the layers back in the model's mode. Under a Trainer, each
+    freeze and unfreeze logs ``bn/freeze/frozen_layers`` (the number of frozen layers; 0 at an unfreeze) on rank zero,
+    which ``bn-report`` marks on its curves. The state (whether frozen,
     which layers, the epoch and step it happened, the saved ``requires_grad`` flags) is saved in checkpoints, so a run
     resumed with ``ckpt_path`` re-applies the freeze at the start of training, whatever the schedule says.
 
@@ -166,6 +168,7 @@ class BatchNormFreeze(Callback):
         self.freezes += 1
         self.frozen_epoch, self.frozen_step = self._when(pl_module)
         self._apply(check_ddp=True)
+        self._log_event(pl_module, len(self._layers))
         return list(self.layer_names)
 
     def unfreeze(self, pl_module: nn.Module | None = None) -> None:
@@ -191,6 +194,7 @@ class BatchNormFreeze(Callback):
         self.unfreezes += 1
         self._requires_grad = {}
         self.unfrozen_epoch, self.unfrozen_step = self._when(module)
+        self._log_event(module, 0)
 
     # ------------------------------------------------------------------ helpers
 
@@ -208,6 +212,14 @@ class BatchNormFreeze(Callback):
         if trainer is None:
             return None, None
         return int(trainer.current_epoch), int(trainer.global_step)
+
+    def _log_event(self, module: nn.Module, frozen_layers: int) -> None:
+        """Log ``bn/freeze/frozen_layers`` (0 at an unfreeze) at this step, for plots that mark the event."""
+        trainer = self._trainer(module)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({"bn/freeze/frozen_layers": float(frozen_layers)}, step=int(trainer.global_step))
 
     def _resolve(self, module: nn.Module) -> None:
         """Find the frozen layers by name (after a checkpoint was loaded, or for another module object)."""

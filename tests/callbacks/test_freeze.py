@@ -191,6 +191,16 @@ def test_unfreeze_at_epoch_restores_updates_and_requires_grad():
     assert [any(m.values()) for m in model.seen_modes] == [False] * 4 + [True] * 4
 
 
+def test_freeze_and_unfreeze_are_logged_as_events():
+    from tests.helpers.lightning_ddp_callbacks import CapturingLogger
+
+    logger = CapturingLogger()
+    freeze = BatchNormFreeze(freeze_at_epoch=1, unfreeze_at_epoch=2)
+    _trainer([freeze], max_epochs=3, logger=logger).fit(_Module(), _loader())
+    events = [(step, m["bn/freeze/frozen_layers"]) for step, m in logger.rows if "bn/freeze/frozen_layers" in m]
+    assert events == [(4, float(len(BN_NAMES))), (8, 0.0)]  # 4 steps per epoch: the starts of epochs 1 and 2
+
+
 def test_manual_freeze_and_unfreeze_without_a_trainer():
     net = TinyBNNet(nn.BatchNorm2d, nn.BatchNorm1d)
     freeze = BatchNormFreeze(include=["head.*"], freeze_affine=True)
