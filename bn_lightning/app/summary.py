@@ -246,6 +246,8 @@ def _is_multirun(config: DictConfig) -> bool:
 class MultirunSummary(Callback):
     """Hydra callback: ``<sweep dir>/summary.csv`` and a printed table at the end of a multirun; DDP jobs refused.
 
+    With ``report=true`` it also writes the sweep's comparison page, ``<sweep dir>/report/index.html``.
+
     Registered in ``conf/hydra/default.yaml``::
 
         hydra:
@@ -336,3 +338,17 @@ class MultirunSummary(Callback):
                 for row, job in zip(rows, jobs, strict=True)
             ]
             print(format_table(shown))
+        if OmegaConf.select(config, "report", default=False) is True:
+            self._report(sweep_dir)
+
+    @staticmethod
+    def _report(sweep_dir: Path) -> None:
+        """The sweep's comparison page (``report=true``), beside each job's own report."""
+        from bn_lightning.report import ReportError, write_report  # matplotlib loads only when a report is asked for
+
+        try:
+            report = write_report(sweep_dir)
+        except ReportError as error:
+            log.warning(f"No sweep report: {error}")
+            return
+        print(f"Sweep report written to: {report.page}")

@@ -207,6 +207,8 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.devices must be an int >= 1, -1, 'auto' or a list of device ids, got {devices!r}"
             )
+    if "report" in cfg:
+        check_bool("", "report", cfg.get("report"))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         if not isinstance(ckpt_path, str):
@@ -334,6 +336,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def train_and_report(cfg: DictConfig, objects: dict[str, Any] | None = None) -> float | None:
     """Run :func:`train` and print where the run was written and the final ``val/acc`` (from rank 0 only).
 
+    With ``cfg.report`` true, rank zero then writes the run's HTML report (:func:`write_run_report`).
+
     Args:
         cfg: a config composed from ``conf/``.
         objects: what :func:`build` already made from ``cfg`` (``None``: build it here).
@@ -355,7 +359,31 @@ def train_and_report(cfg: DictConfig, objects: dict[str, Any] | None = None) -> 
             detail = f" ({checkpoint.monitor} {float(score):.4f})" if checkpoint.monitor and score is not None else ""
             print(f"Best checkpoint: {checkpoint.best_model_path}{detail}")
         print("Final val/acc: " + ("n/a" if val_acc is None else f"{val_acc:.4f}"))
+        if cfg.get("report"):
+            write_run_report(cfg.get("output_dir") or trainer.default_root_dir)
     return val_acc
+
+
+def write_run_report(run_dir: str | Path) -> Path | None:
+    """Write ``bn-report``'s page of ``run_dir`` and print its path; a report that cannot be made only warns.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The page, or ``None`` if nothing could be reported.
+    """
+    from bn_lightning.report import ReportError, write_report  # matplotlib loads only when a report is asked for
+
+    try:
+        report = write_report(run_dir)
+    except ReportError as error:
+        log.warning(f"No report: {error}")
+        return None
+    for warning in report.warnings:
+        log.warning(f"Report: {warning}")
+    print(f"Report written to: {report.page}")
+    return report.page
 
 
 class RankFilter(logging.Filter):

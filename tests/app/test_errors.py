@@ -41,6 +41,7 @@ def run_cli(cwd: Path, *args: str, full_error: bool = False) -> subprocess.Compl
     [
         ("trainer.max_epochs=abc", "Error: trainer.max_epochs must be None or an int >= -1, got 'abc'"),
         ("bn_kernel=fast", "Error: unknown BN kernel 'fast'"),
+        ("report=sometimes", "Error: report must be True or False, got 'sometimes'"),
     ],
 )
 def test_cli_bad_value_is_one_line_and_builds_nothing(tmp_path: Path, override: str, message: str) -> None:
