@@ -106,3 +106,25 @@ def test_interleaved_times_every_candidate_once_per_round_with_varied_neighbours
     timed = calls[3:]
     predecessors = {(timed[i - 1], timed[i]) for i in range(1, len(timed))}
     assert {("b", "a"), ("c", "a")} <= predecessors  # a rotation would only ever run "a" after "c"
+
+
+def test_readme_figure_script_copies_the_reports_heatmap(tmp_path):
+    out = tmp_path / "figure.png"
+    shrink = ("trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "readme_figure.py"),
+            "--out",
+            str(out),
+            "--keep",
+            str(tmp_path / "run"),
+            *shrink,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Figure written to: {out}" in result.stdout
+    assert out.read_bytes() == (tmp_path / "run" / "report" / "heatmap_drift_kl.png").read_bytes()
