@@ -95,7 +95,7 @@ def test_trainer_gpu_trains(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_torchrun_nodes_train_together(tmp_path: Path) -> None:
-    """Two torchrun 'nodes' on localhost, one process each, bn=sync: same BN buffers, one run directory."""
+    """Two torchrun 'nodes' on localhost, bn=sync: same BN buffers, one run directory, one report (rank zero)."""
     port = _free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` console script, without PATH lookup
     procs = [
@@ -112,6 +112,7 @@ def test_two_torchrun_nodes_train_together(tmp_path: Path) -> None:
                 "trainer.num_nodes=2",
                 "trainer.devices=1",
                 "bn=sync",
+                "report=true",
                 *TINY,
                 "+callbacks.save_bn._target_=tests.app.test_launch.SaveBNBuffers",
                 f"+callbacks.save_bn.directory={tmp_path}",
@@ -134,10 +135,12 @@ def test_two_torchrun_nodes_train_together(tmp_path: Path) -> None:
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-3000:]
     assert outputs[0].count("Final val/acc:") == 1 and "Final val/acc:" not in outputs[1]
+    assert outputs[0].count("Report written to:") == 1 and "Report written to:" not in outputs[1]  # rank zero only
 
     (run_dir,) = _run_dirs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "rank0.pt", "rank1.pt"]
     assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+    assert (run_dir / "report" / "index.html").is_file()
     log = (run_dir / "train.log").read_text()
     assert "[rank 0]" in log and "[rank 1]" not in log  # node 1 logs to its own console
 
