@@ -1,4 +1,4 @@
-"""The registered configs (bn_lightning.hydra) serve another Hydra application exactly as the README shows."""
+"""The registered configs (bn_lightning.hydra) serve another Hydra application exactly as docs/hydra.md shows."""
 
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ from bn_lightning.app import schemas
 from bn_lightning.hydra import BN_OPTIONS, CALLBACK_OPTIONS
 from bn_lightning.policy import BatchNormPolicy, FreezePolicy, PreciseBNPolicy
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+HYDRA_DOC = Path(__file__).resolve().parents[2] / "docs" / "hydra.md"
 
 
-def readme_example() -> str:
-    """The python block of the README's "Reuse the configs in your Hydra app" section."""
-    section = README.read_text().split("## Reuse the configs in your Hydra app", 1)[1]
+def docs_example() -> str:
+    """The python block of docs/hydra.md's "In another application" section."""
+    section = HYDRA_DOC.read_text().split("## In another application", 1)[1]
     return re.search(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL).group(1)
 
 
-def test_readme_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_docs_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The example writes its own primary config, composes it and asserts what it builds."""
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__main__"}
-    exec(compile(readme_example(), "README.md (Reuse the configs in your Hydra app)", "exec"), namespace)
+    exec(compile(docs_example(), "docs/hydra.md (In another application)", "exec"), namespace)
     assert (tmp_path / "conf" / "config.yaml").read_text().startswith("defaults:\n  - _self_\n")
     assert type(namespace["monitor"]).__name__ == "BatchNormMonitor" and namespace["monitor"].bins == 32
     assert namespace["policy"] == BatchNormPolicy(impl="ghost")
@@ -102,7 +102,7 @@ def test_every_registered_callback_instantiates(tmp_path: Path) -> None:
         ("callbacks.bn_monitor.binz=3", "binz"),  # misspelt key
         ("callbacks.bn_monitor.bins=many", "callbacks.bn_monitor.bins"),  # wrong type
         ("bn.momentun=0.1", "momentun"),
-        ("bn.momentum=fast", "bn.momentum"),
+        ("bn.momentum=[0.1]", "bn.momentum"),
     ],
 )
 def test_bad_key_or_type_fails_at_composition(tmp_path: Path, override: str, key: str) -> None:
