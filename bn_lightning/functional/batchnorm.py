@@ -52,7 +52,8 @@ class _BatchNormTrainFn(torch.autograd.Function):
         ctx.count = count
         ctx.reducer = reducer
         ctx.in_dtype = x.dtype
-        ctx.mark_non_differentiable(mean, var)
+        # a SyncBatchNorm's count comes back from its reducer as a tensor: no gradient flows to it either
+        ctx.mark_non_differentiable(mean, var, *([count] if isinstance(count, Tensor) else []))
         ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors for them in backward
         return y, mean, var, count
 

@@ -61,13 +61,26 @@ def _ddp_train_worker(rank, world, sizes, steps):
         outputs.append(out.detach())
         grads.append({k: p.grad.clone() for k, p in net.named_parameters()})
         opt.step()
-    return {"outputs": outputs, "grads": grads, "state": copy.deepcopy(net.state_dict())}
+    layers = [m for m in net.modules() if isinstance(m, B.SyncBatchNorm)]
+    # the last_batch_stats protocol: detached, so that keeping them holds no graph (and the layer deep-copies)
+    leaks = [
+        type(t).__name__ for m in layers for t in m.last_batch_stats if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    copy.deepcopy(net)
+    return {
+        "outputs": outputs,
+        "grads": grads,
+        "state": copy.deepcopy(net.state_dict()),
+        "leaks": leaks,
+        "n": len(layers),
+    }
 
 
 @pytest.mark.parametrize("sizes", [[4, 4], [5, 2]], ids=["even", "uneven"])
 def test_ddp_training_matches_one_process_on_concatenated_batch(sizes):
     steps = 5
     results = run_distributed(_ddp_train_worker, 2, sizes, steps)
+    assert [(r["n"], r["leaks"]) for r in results] == [(3, [])] * 2  # TinyBNNet: 3 BN layers
     ref = _reference_net()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for step, (x, y) in enumerate(_global_batches(steps, sizes)):
