@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from bn_lightning import distributed, functional
 from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bn_lightning.distributed import set_gloo_event_loop_policy
+from bn_lightning.guards import no_stat_update
 from bn_lightning.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -81,6 +82,7 @@ __all__ = [
     "distributed",
     "functional",
     "get_batchnorm_class",
+    "no_stat_update",
     "recalibrate_bn",
     "revert_sync_batchnorm",
     "set_gloo_event_loop_policy",

@@ -1,8 +1,11 @@
 """Lightning callbacks that watch and repair BatchNorm; add them to any ``Trainer``.
 
 Watch: :class:`BatchNormMonitor` (activation statistics), :class:`RunningStatDrift` (running-stat drift, health).
-Repair: :class:`PreciseBN` / :func:`recalibrate_bn` (population statistics), :class:`BatchNormGap` (what the running
-statistics cost), :class:`BatchNormFreeze` (freezing done right).
+Repair: :class:`PreciseBN` / :func:`recalibrate_bn` (population statistics, also of averaged weights),
+:class:`BatchNormGap` (what the running statistics cost), :class:`BatchNormFreeze` (freezing done right),
+:class:`BackboneFinetuning` (fine-tuning with a frozen backbone).
+Guard: :class:`BatchNormGuard` (non-finite batches, skipped steps), :class:`AccumulateBatchNormStats` (one update per
+optimizer step), :class:`SyncBatchNormBuffers` (the same statistics on every rank).
 
 One callback per module; the watching callbacks share the machinery beside them:
 
@@ -16,21 +19,26 @@ One callback per module; the watching callbacks share the machinery beside them:
   (one collective across ranks).
 """
 
+from bn_lightning.callbacks.accumulate import AccumulateBatchNormStats
 from bn_lightning.callbacks.base import BatchNormCallbackBase
 from bn_lightning.callbacks.discovery import find_batchnorm_layers
 from bn_lightning.callbacks.drift import BatchNormHealthError, RunningStatDrift
 from bn_lightning.callbacks.freeze import BatchNormFreeze
 from bn_lightning.callbacks.gap import BatchNormGap
+from bn_lightning.callbacks.guard import BatchNormGuard, BatchNormNonFiniteError
 from bn_lightning.callbacks.monitor import BatchNormMonitor
 from bn_lightning.callbacks.precise_bn import PreciseBN
 from bn_lightning.precise_bn import recalibrate_bn
 
 __all__ = [
+    "AccumulateBatchNormStats",
     "BatchNormCallbackBase",
     "BatchNormFreeze",
     "BatchNormGap",
+    "BatchNormGuard",
     "BatchNormHealthError",
     "BatchNormMonitor",
+    "BatchNormNonFiniteError",
     "PreciseBN",
     "RunningStatDrift",
     "find_batchnorm_layers",
