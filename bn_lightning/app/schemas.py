@@ -154,6 +154,7 @@ class PreciseBNConfig(_PreciseBNFields):
     forward_fn: Any = None  # a callable: set it with a `_target_`/`_partial_` node
     progress: Optional[bool] = None  # noqa: UP045
     prefix: str = "bn"
+    target: str = "model"  # "model", or "averaged": the copy of a weight-averaging callback (EMA, SWA)
 
 
 @dataclass

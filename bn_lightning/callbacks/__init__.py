@@ -23,6 +23,7 @@ from bn_lightning.callbacks.accumulate import AccumulateBatchNormStats
 from bn_lightning.callbacks.base import BatchNormCallbackBase
 from bn_lightning.callbacks.discovery import find_batchnorm_layers
 from bn_lightning.callbacks.drift import BatchNormHealthError, RunningStatDrift
+from bn_lightning.callbacks.finetuning import BackboneFinetuning
 from bn_lightning.callbacks.freeze import BatchNormFreeze
 from bn_lightning.callbacks.gap import BatchNormGap
 from bn_lightning.callbacks.guard import BatchNormGuard, BatchNormNonFiniteError
@@ -32,6 +33,7 @@ from bn_lightning.precise_bn import recalibrate_bn
 
 __all__ = [
     "AccumulateBatchNormStats",
+    "BackboneFinetuning",
     "BatchNormCallbackBase",
     "BatchNormFreeze",
     "BatchNormGap",
