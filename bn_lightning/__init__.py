@@ -31,6 +31,7 @@ from bn_lightning.layers import (
     get_batchnorm_class,
 )
 from bn_lightning.precise_bn import recalibrate_bn
+from bn_lightning.sync_stats import sync_running_stats
 
 if TYPE_CHECKING:
     from bn_lightning.module import BatchNormModule
@@ -86,4 +87,5 @@ __all__ = [
     "recalibrate_bn",
     "revert_sync_batchnorm",
     "set_gloo_event_loop_policy",
+    "sync_running_stats",
 ]

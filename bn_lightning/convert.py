@@ -1,13 +1,14 @@
 """Convert BN layers between implementations, exactly and reversibly; BN-aware parameter groups.
 
 Provides :func:`convert_batchnorm` (every BN layer -> torch, scratch, sync, frozen, ghost or renorm),
-:func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm` (torch has no revert, and Lightning's leaves a
-``_BatchNormXd``), :func:`swap_batchnorm` (one layer) and :func:`bn_param_groups`. Converters are plain recursive
-functions in timm's style: they reuse the very same ``Parameter`` and buffer objects (so optimizers, ``requires_grad``,
-device and dtype are untouched), keep the training flag, rebuild the tree with ``add_module``, and remember each
-layer's original class, constructor options and tensors so that converting back gives exactly what was there.
-Frozen layers (:class:`~bn_lightning.layers.frozen.FrozenBatchNormBase`, which are not torch
-``_BatchNorm`` subclasses) are converted to and from like any BN layer, and left alone by the sync converters.
+:func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm` (torch has no revert; ours also makes a torch
+``SyncBatchNorm`` built elsewhere local: :class:`TorchBatchNormXd`), :func:`swap_batchnorm` (one layer) and
+:func:`bn_param_groups`. Converters are plain recursive functions in timm's style: they reuse the very same
+``Parameter`` and buffer objects (so optimizers, ``requires_grad``, device and dtype are untouched), keep the training
+flag, rebuild the tree with ``add_module``, and remember each layer's original class, constructor options and tensors
+so that converting back gives exactly what was there. Frozen layers (:class:`~bn_lightning.layers.frozen.
+FrozenBatchNormBase`, which are not torch ``_BatchNorm`` subclasses) are converted to and from like any BN layer, and
+left alone by the sync converters.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bn_lightning.layers.sync import NORM_HAS_BIAS_FLAG, SyncBatchNorm
 from bn_lightning.validation import selected
 
 __all__ = [
+    "TorchBatchNormXd",
     "bn_param_groups",
     "convert_batchnorm",
     "convert_sync_batchnorm",
@@ -41,6 +43,35 @@ _DEFAULT_MOMENTUM = 0.1
 _DEFAULT_TRACK_RUNNING_STATS = True
 
 _AnyBatchNorm = _BatchNorm | FrozenBatchNormBase
+
+
+class TorchBatchNormXd(_BatchNorm):
+    """torch's own BN for ``(N, C, *)`` inputs of any dimensionality: a local ``torch.nn.SyncBatchNorm``.
+
+    What :func:`revert_sync_batchnorm` makes of a ``torch.nn.SyncBatchNorm`` that torch's converter (or anyone else)
+    built: such a layer does not record whether it replaced a 1d, 2d or 3d layer, so the local layer accepts what it
+    accepted (any input of at least 2 dimensions, checked at forward) and computes with the same kernel
+    (``F.batch_norm``): its outputs and running-statistics updates are bit-identical to the ``SyncBatchNorm``'s
+    without a process group. mmengine's and Lightning's ``_BatchNormXd`` play the same part.
+
+    Example::
+
+        >>> import torch
+        >>> bn = TorchBatchNormXd(3)
+        >>> bn(torch.randn(4, 3)).shape, bn(torch.randn(4, 3, 2, 2, 2)).shape
+        (torch.Size([4, 3]), torch.Size([4, 3, 2, 2, 2]))
+        >>> bn(torch.randn(3))
+        Traceback (most recent call last):
+        ...
+        ValueError: TorchBatchNormXd(3) expects input of shape (N, C, *), got 1D input of shape (3,)
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"{self._get_name()}({self.num_features}) expects input of shape (N, C, *), got {input.dim()}D input "
+                f"of shape {tuple(input.shape)}"
+            )
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -285,17 +316,32 @@ def convert_sync_batchnorm(
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every :class:`bn_lightning.SyncBatchNorm` back into the layer it was converted from.
+    """Turn every synchronised BN layer into a local one: ours back into what it was converted from, torch's local.
 
-    The original class (torch's or ours, 1d/2d/3d, or ``torch.nn.SyncBatchNorm`` with its process group) comes back
-    with the same parameters and buffers. A ``SyncBatchNorm`` that was constructed directly (no original to return
-    to) becomes a local :class:`bn_lightning.layers.BatchNormXd`, which accepts any ``(N, C, *)`` input.
+    - A :class:`bn_lightning.SyncBatchNorm` made by :func:`convert_sync_batchnorm` gets its original class back
+      (torch's or ours, 1d/2d/3d, or ``torch.nn.SyncBatchNorm`` with its process group); one constructed directly
+      (no original to return to) becomes a local :class:`bn_lightning.layers.BatchNormXd`, which accepts any
+      ``(N, C, *)`` input.
+    - A ``torch.nn.SyncBatchNorm`` made elsewhere (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, or built
+      directly) becomes a :class:`TorchBatchNormXd`: torch's kernel, any input of at least 2 dimensions, as the
+      ``SyncBatchNorm`` accepted (it does not record the dimensionality of the layer it replaced).
+
+    The parameters and buffers are the very same tensor objects, the training flag is kept.
 
     Args:
         module: a model or a single layer.
 
     Returns:
         The reverted module (the same object unless ``module`` itself was converted).
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
+        >>> w = net[0].weight
+        >>> net = revert_sync_batchnorm(net)
+        >>> type(net[0]).__name__, net[0].weight is w
+        ('TorchBatchNormXd', True)
     """
     out = module
     if isinstance(module, SyncBatchNorm):
@@ -303,6 +349,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
             out = _restore(module)
         else:
             out = swap_batchnorm(module, BatchNormXd)
+    elif isinstance(module, nn.SyncBatchNorm):
+        out = swap_batchnorm(module, TorchBatchNormXd)
     for child_name, child in module.named_children():
         out.add_module(child_name, revert_sync_batchnorm(child))
     return out

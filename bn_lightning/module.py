@@ -193,7 +193,7 @@ class BatchNormModule(pl.LightningModule):
             convert_batchnorm(self, policy.impl, include=policy.include, exclude=policy.exclude, **policy.options)
         for layer in self.bn_layers().values():
             if policy.momentum is not None and not isinstance(layer, FrozenBatchNormBase):
-                layer.momentum = policy.momentum
+                layer.momentum = policy.layer_momentum  # None for "cumulative": torch's cumulative average
             if policy.eps is not None:
                 layer.eps = policy.eps
 

@@ -23,9 +23,13 @@ from bn_lightning.callbacks.precise_bn import WHEN
 from bn_lightning.layers.factory import BATCHNORM_IMPLS, resolve_impl
 from bn_lightning.validation import check_bool, check_choice, check_int, check_number, check_patterns
 
-__all__ = ["BatchNormPolicy", "FreezePolicy", "PreciseBNPolicy", "impl_options"]
+__all__ = ["CUMULATIVE", "BatchNormPolicy", "FreezePolicy", "PreciseBNPolicy", "impl_options"]
 
 P = TypeVar("P")
+
+#: the ``BatchNormPolicy.momentum`` that asks for torch's ``momentum=None``: a cumulative average, every batch
+#: weighted equally (``None`` itself means "keep each layer's momentum", as for the other fields)
+CUMULATIVE = "cumulative"
 
 # constructor arguments every BN class has: the policy sets them through its own fields, not `options`
 _COMMON_ARGS = {"self", "num_features", "eps", "momentum", "affine", "bias", "track_running_stats", "device", "dtype"}
@@ -202,8 +206,10 @@ class BatchNormPolicy:
         include: ``fnmatch`` patterns of BN layer names in the LightningModule (``"net.features.*"``) that the policy
             converts and whose momentum/eps it sets; ``None``: all.
         exclude: patterns of BN layers the policy leaves alone.
-        momentum: running-average factor set on every selected layer, in ``[0, 1]``; ``None``: keep each layer's.
-            (torch's ``momentum=None``, a cumulative average, is not reachable from here: ``None`` means "keep".)
+        momentum: running-average factor set on every selected layer, in ``[0, 1]``; ``"cumulative"``
+            (:data:`CUMULATIVE`): torch's ``momentum=None``, a cumulative average of all batches, each weighted
+            equally (``1 / num_batches_tracked``); ``None``: keep each layer's. :attr:`layer_momentum` is the value
+            the layers get.
         eps: added to the variance, ``> 0``; ``None``: keep each layer's.
         no_weight_decay: put BN weights and biases in a parameter group with ``weight_decay=0`` (decaying them only
             shrinks the normalised output's scale); ``False``: one group, decayed like everything else.
@@ -215,7 +221,8 @@ class BatchNormPolicy:
             ``None``: never.
 
     Raises:
-        ValueError: an unknown ``impl`` or option (naming the allowed ones), a ``momentum`` outside ``[0, 1]``,
+        ValueError: an unknown ``impl`` or option (naming the allowed ones), a ``momentum`` neither in ``[0, 1]``
+            nor ``"cumulative"``,
             an ``eps <= 0``, or an invalid nested policy.
         TypeError: a field of the wrong type (``include`` given as a string, ``options`` not a mapping, ...).
 
@@ -228,6 +235,8 @@ class BatchNormPolicy:
         {'virtual_batch_size': 16}
         >>> BatchNormPolicy(precise_bn={"enabled": None, "num_batches": 200}).precise_bn is None  # all defaults: off
         True
+        >>> BatchNormPolicy(momentum="cumulative").layer_momentum is None  # torch's momentum=None
+        True
         >>> BatchNormPolicy(impl="layernorm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
@@ -238,7 +247,7 @@ class BatchNormPolicy:
     options: dict[str, Any] = field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] | None = None
-    momentum: float | None = None
+    momentum: float | str | None = None
     eps: float | None = None
     no_weight_decay: bool = True
     freeze: FreezePolicy | None = None
@@ -253,7 +262,13 @@ class BatchNormPolicy:
         self._check_options()
         self.include = check_patterns("BatchNormPolicy", "include", self.include)
         self.exclude = check_patterns("BatchNormPolicy", "exclude", self.exclude)
-        if self.momentum is not None:
+        if isinstance(self.momentum, str):
+            if self.momentum != CUMULATIVE:
+                raise ValueError(
+                    f"BatchNormPolicy: momentum must be a number >= 0 and <= 1, {CUMULATIVE!r} (torch's "
+                    f"momentum=None, a cumulative average) or None (keep each layer's), got {self.momentum!r}"
+                )
+        elif self.momentum is not None:
             self.momentum = float(check_number("BatchNormPolicy", "momentum", self.momentum, low=0.0, high=1.0))
         if self.eps is not None:
             self.eps = float(check_number("BatchNormPolicy", "eps", self.eps, low=0.0, low_open=True))
@@ -262,6 +277,17 @@ class BatchNormPolicy:
             self.freeze = _nested(FreezePolicy, self.freeze, "BatchNormPolicy.freeze")
         if self.precise_bn is not None:
             self.precise_bn = _nested(PreciseBNPolicy, self.precise_bn, "BatchNormPolicy.precise_bn")
+
+    @property
+    def layer_momentum(self) -> float | None:
+        """The ``momentum`` the selected layers get when :attr:`momentum` is not ``None``: ``None`` for cumulative.
+
+        Example::
+
+            >>> BatchNormPolicy(momentum=0.01).layer_momentum, BatchNormPolicy(momentum="cumulative").layer_momentum
+            (0.01, None)
+        """
+        return None if self.momentum == CUMULATIVE else self.momentum  # type: ignore[return-value]
 
     def _check_options(self) -> None:
         if self.options is None:

@@ -50,12 +50,14 @@ class _LayerStats:
         self.momentum = layer.momentum
         self.buffers = {k: getattr(layer, k) for k in _BUFFERS if getattr(layer, k, None) is not None}
         running = self.buffers["running_mean"]
+        #: the ranks this layer's training forward synchronises with (1: a local layer); its forward is a collective
+        self.group_size = _group_size(layer)
         # torch's SyncBatchNorm writes the statistics of all ranks' batches (whose sizes this rank does not know),
         # 16-bit buffers round them: both take the statistics of their own input instead
-        syncs = isinstance(layer, nn.SyncBatchNorm) and distributed.world_size(layer.process_group) > 1
+        syncs = isinstance(layer, nn.SyncBatchNorm) and self.group_size > 1
         self.from_input = syncs or running.dtype not in (torch.float32, torch.float64)
         # our synchronised layers hand over their group's statistics, identical on its ranks: each counts a share
-        self.share = distributed.world_size(getattr(layer, "process_group", None)) if has_batch_stats(layer) else 1
+        self.share = self.group_size if has_batch_stats(layer) and not self.from_input else 1
         self.dtype = torch.float32 if running.device.type == "mps" else torch.float64  # MPS has no float64
         self.total = BatchStats(
             torch.zeros_like(running, dtype=self.dtype),
@@ -84,11 +86,16 @@ class _LayerStats:
         x = args[0] if args else None
         count = x.numel() // x.shape[1] if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] else 0
         kept = layer.last_batch_stats if has_batch_stats(layer) else None
-        if count < 2 or not layer.training:  # an empty batch (NaN stand-ins?), or a forward_fn's eval-mode call
+        if layer.training and kept is not None and self.share > 1:
+            # the group's statistics, identical on its ranks, each rank counting one share: also on a rank whose
+            # batch is empty (its data ran out) while the others' are not
+            self.add(kept.mean, kept.var, kept.count / self.share)
+            if count < 2:
+                self.reset_stand_ins()
+        elif count < 2 or not layer.training:  # an empty batch (NaN stand-ins?), or a forward_fn's eval-mode call
             self.reset_stand_ins()
         elif kept is not None and not self.from_input:
-            shared = self.share > 1 and isinstance(kept.count, Tensor)  # merged over the group: one share per rank
-            self.add(kept.mean, kept.var, kept.count / self.share if shared else kept.count)
+            self.add(kept.mean, kept.var, kept.count)
         elif self.from_input:
             s = batch_stats(x.detach())  # type: ignore[union-attr]
             self.add(s.mean, s.var, s.count)
@@ -114,6 +121,60 @@ class _LayerStats:
             n = torch.stack([torch.as_tensor(c, dtype=self.dtype, device=device) for c in counts])
         self.total = merge_stats(means, variances, torch.cat([self.total.count.view(1), n]))
         self.pending = []
+
+
+def _group_size(layer: _BatchNorm) -> int:
+    """How many ranks ``layer``'s training forward synchronises its statistics over (1: none, a local layer)."""
+    if not layer.training:
+        return 1
+    if isinstance(layer, nn.SyncBatchNorm):
+        return distributed.world_size(layer.process_group)
+    if has_batch_stats(layer):
+        reducer = layer._stats_reducer()  # the layer's own answer: None when it does not synchronise (now)
+        if reducer is not None:
+            return int(getattr(reducer, "world_size", distributed.world_size(getattr(layer, "process_group", None))))
+    return 1
+
+
+def _empty_like(batch: Any) -> Any:
+    """``batch`` with every tensor in it (through tuples, lists and dicts) replaced by a new one of 0 rows."""
+    if isinstance(batch, Tensor):
+        return batch.new_empty((0, *batch.shape[1:])) if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _empty_like(v) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_empty_like(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_empty_like(v) for v in batch)
+    return batch
+
+
+_END = object()  # what next() returns when a rank's loader is exhausted
+_RAN_OUT, _HAS_DATA, _NEVER_HAD_DATA = 0.0, 1.0, 2.0
+
+
+def _agree_on_step(has_data: bool, had_data: bool, device: torch.device, process_group: Any) -> bool:
+    """Every rank's state before a lock-step batch (ONE small all-reduce); whether any rank still has data.
+
+    Raises on every rank alike when a rank has never had a batch (it cannot join with an empty one) while others do.
+    """
+    size = distributed.world_size(process_group)
+    states = torch.zeros(size, dtype=torch.float32, device=device)
+    state = _HAS_DATA if has_data else _RAN_OUT if had_data else _NEVER_HAD_DATA
+    states[dist.get_rank(process_group)] = state
+    states = distributed.all_reduce_sum(states, process_group).tolist()
+    if _HAS_DATA not in states:
+        return False
+    empty = [r for r, v in enumerate(states) if v == _NEVER_HAD_DATA]
+    if empty:
+        raise RuntimeError(
+            f"recalibrate_bn: rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of {size} yielded no "
+            "batch at all, while the model holds BN layers that synchronise their statistics across ranks (their "
+            "forward is a collective every rank must join, and a rank without any batch cannot join with an empty "
+            "one of the right structure); give every rank at least one batch (DistributedSampler does). Nothing "
+            "was changed."
+        )
+    return True
 
 
 def _module_device(model: nn.Module) -> torch.device:
@@ -226,9 +287,14 @@ def recalibrate_bn(
 
     Under ``torch.distributed`` (initialised, more than one rank in ``process_group``), every rank must call this
     together: each accumulates its own data and ONE ``all_gather`` at the end merges them, so all ranks end with
-    identical buffers equal to a single process over the union of their data. Layers that synchronise their
-    statistics (SyncBatchNorm) are counted once, not once per rank; their forward is itself a collective, so with
-    those, every rank must yield the same number of batches (``DistributedSampler`` does).
+    identical buffers equal to a single process over the union of their data, whatever the number of batches each
+    rank yields. Layers that synchronise their statistics (SyncBatchNorm: ours, torch's, Batch Renormalization with
+    ``sync``) are counted once, not once per rank; their forward is itself a collective that every rank must join,
+    so with those the ranks run in lock step: before each batch ONE small all-reduce tells every rank whether any
+    rank still has data, and a rank whose loader ran out joins with an empty batch (its first batch's structure, 0
+    rows), so the result equals one process running, batch after batch, the concatenation of the ranks' batches.
+    A rank that yields no batch at all cannot build an empty one: then every rank raises the same ``RuntimeError``
+    (buffers untouched).
 
     Args:
         model: the network; its BN layers in training mode are recalibrated.
@@ -250,6 +316,8 @@ def recalibrate_bn(
         ValueError: ``num_batches`` is not a positive int.
         TypeError: ``forward_fn`` is not callable; a batch the default feeding cannot handle (a dict, ...) and no
             ``forward_fn``.
+        RuntimeError: with synchronising layers under ``torch.distributed``, a rank yielded no batch while another
+            did (raised on every rank).
 
     Example::
 
@@ -289,6 +357,11 @@ def recalibrate_bn(
     modes = [(m, m.training) for m in model.modules()]
     handles = []
     seen_batches = seen_samples = 0
+    # a layer whose forward is a collective makes every batch a lock step: the ranks agree on each one
+    lockstep = distributed.world_size(process_group) > 1 and any(
+        _group_size(m) > 1 for m in model.modules() if isinstance(m, _BatchNorm)
+    )
+    device_of_stats = stats[0].total.mean.device
     bar = None
     if progress and (not distributed.is_distributed() or dist.get_rank() == 0):
         from tqdm.auto import tqdm
@@ -303,8 +376,20 @@ def recalibrate_bn(
             for s in stats:
                 s.start()
                 handles.append(s.layer.register_forward_hook(s.hook))
-            # range first: zip stops without pulling a batch past num_batches from the loader
-            for _, batch in zip(range(num_batches), dataloader, strict=False):
+            iterator, empty, exhausted = iter(dataloader), None, False
+            for _ in range(num_batches):  # never pulls a batch past num_batches from the loader
+                batch = _END if exhausted else next(iterator, _END)
+                exhausted = batch is _END
+                if lockstep:
+                    if not _agree_on_step(not exhausted, empty is not None, device_of_stats, process_group):
+                        break
+                elif exhausted:
+                    break
+                if exhausted:  # this rank's data ran out: it joins the others' collectives with an empty batch
+                    _feed(model, move(empty), forward_fn)
+                    continue
+                if empty is None:
+                    empty = _empty_like(batch)
                 seen_samples += _batch_size(batch)
                 _feed(model, move(batch), forward_fn)
                 seen_batches += 1

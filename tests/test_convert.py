@@ -11,7 +11,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_lightning as B
 from bn_lightning.app.models import ResNet20
-from bn_lightning.convert import bn_param_groups, convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
+from bn_lightning.convert import (
+    TorchBatchNormXd,
+    bn_param_groups,
+    convert_batchnorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 from bn_lightning.layers.frozen import FrozenBatchNormBase
 
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -296,6 +302,40 @@ def test_sync_conversion_leaves_frozen_ghost_and_renorm_alone():
         model = revert_sync_batchnorm(model)
         assert type(model[0]) is nn.BatchNorm2d and type(model[4]) is B.BatchNorm1d
         assert all(a is b for a, b in zip(list(model)[1:4], kept, strict=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_revert_makes_a_torch_sync_batchnorm_built_elsewhere_local(training):
+    """torch's own converter leaves no trace of the 1d/2d layer it replaced: the local layer takes any (N, C, *)
+    input, with torch's kernel, and keeps the very same (bit-identical) parameters and buffers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5))
+    for bn in (net[1], net[4]):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(7)
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net.train(training)
+    assert type(net[1]) is nn.SyncBatchNorm and type(net[4]) is nn.SyncBatchNorm
+    objects = {n: t for n, t in list(net.named_parameters()) + list(net.named_buffers())}
+    before = {n: t.clone() for n, t in objects.items()}
+    reference = copy.deepcopy(net)  # torch's SyncBatchNorm, run locally (no process group)
+    net = revert_sync_batchnorm(net)
+    assert type(net[1]) is TorchBatchNormXd and type(net[4]) is TorchBatchNormXd
+    assert net[1].training is training and net[4].momentum == 0.1 and net[4].eps == 1e-5
+    after = dict(list(net.named_parameters()) + list(net.named_buffers()))
+    assert after.keys() == objects.keys() and all(after[n] is objects[n] for n in objects)  # the same objects
+    assert all(torch.equal(after[n], before[n]) for n in objects)
+    x = torch.randn(6, 3, 6, 6)
+    out, ref = net(x), reference(x)
+    assert torch.equal(out, ref)  # the same kernel: bit for bit, outputs and running-statistics updates
+    for n, t in reference.named_buffers():
+        assert torch.equal(dict(net.named_buffers())[n], t), n
+    with pytest.raises(ValueError, match=r"TorchBatchNormXd\(5\) expects input of shape \(N, C, \*\), got 1D"):
+        net[4](torch.randn(5))
 
 
 # ---------------------------------------------------------------- bn_param_groups

@@ -364,6 +364,81 @@ def test_ddp_ranks_identical_and_equal_to_union(kind, ddp_results):
             torch.testing.assert_close(bufs0[k], v, rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- DDP: uneven loaders per rank
+
+UNEVEN_SIZES = {0: [4, 6, 3], 1: [5, 2]}  # rank 0 yields 3 batches, rank 1 yields 2
+
+
+def _uneven_batches(rank: int) -> list[torch.Tensor]:
+    return _batches(UNEVEN_SIZES[rank], (3, 5, 5), seed=10 + rank, shift=4.0 * rank)
+
+
+def _uneven_worker(rank, world):
+    out = {}
+    for kind in ("torch", "sync"):
+        for num_batches in (3, 200):  # bounded by num_batches, and by the loaders
+            model = _ddp_model(kind)
+            info = recalibrate_bn(model, _uneven_batches(rank), num_batches=num_batches, progress=False)
+            out[kind, num_batches] = ({k: v for k, v in model.state_dict().items() if "running" in k}, info)
+    # a rank with no batch at all: with synchronised layers every rank raises the same error, nothing changes
+    model = _ddp_model("sync")
+    before = copy.deepcopy(model.state_dict())
+    try:
+        recalibrate_bn(model, _uneven_batches(0) if rank == 0 else [], num_batches=5, progress=False)
+        out["no_data"] = None
+    except RuntimeError as err:
+        out["no_data"] = str(err)
+    out["no_data_untouched"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven_results():
+    return run_distributed(_uneven_worker, 2)
+
+
+def _population_reference(steps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run a float64 copy with torch's BN layers on each step's batch in training mode (normalising with the batch's
+    own statistics) and take the mean and unbiased variance of ALL the inputs each BN layer received."""
+    model = _ddp_model("torch").double()
+    inputs: dict[str, list[torch.Tensor]] = {"1": [], "4": []}
+    for name in inputs:
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: inputs[name].append(a[0]))
+    with torch.no_grad():
+        for x in steps:
+            model(x.double())
+    ref = {}
+    for name, xs in inputs.items():
+        ref[f"{name}.running_mean"], ref[f"{name}.running_var"] = _reference(torch.cat(xs))
+    return ref
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("num_batches", [3, 200])
+@pytest.mark.parametrize("kind", ["torch", "sync"])
+def test_ddp_uneven_loaders_exact_on_every_rank(kind, num_batches, uneven_results):
+    (bufs0, info0), (bufs1, info1) = uneven_results[0][kind, num_batches], uneven_results[1][kind, num_batches]
+    for k in bufs0:
+        assert torch.equal(bufs0[k], bufs1[k]), k  # identical on every rank
+    assert (info0["num_batches"], info1["num_batches"]) == (3, 2)
+    assert info0["num_samples"] == info1["num_samples"] == 20  # every sample of both ranks counted once
+    r0, r1 = _uneven_batches(0), _uneven_batches(1)
+    if kind == "sync":  # each step normalises the union of the ranks' batches; rank 1 is empty in the third
+        steps = [torch.cat([r0[0], r1[0]]), torch.cat([r0[1], r1[1]]), r0[2]]
+    else:
+        steps = r0 + r1
+    for k, v in _population_reference(steps).items():
+        torch.testing.assert_close(bufs0[k].double(), v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.ddp
+def test_ddp_rank_without_data_raises_on_every_rank(uneven_results):
+    r0, r1 = uneven_results
+    assert r0["no_data"] is not None and r0["no_data"] == r1["no_data"]
+    assert "rank 1 of 2 yielded no batch at all" in r0["no_data"]
+    assert r0["no_data_untouched"] and r1["no_data_untouched"]
+
+
 # ---------------------------------------------------------------------------------------- broken setup
 
 

@@ -7,7 +7,8 @@ Provides :class:`BatchNormPolicyConfig` (with its nested :class:`FreezePolicyCon
 describes). Each schema has a ``_target_`` and one field per constructor argument, with the constructor's default
 (a test compares them with the signatures), so ``hydra.utils.instantiate`` builds the object and OmegaConf refuses a
 misspelt key or a wrong type when the config is composed. Values a type cannot judge (a ``momentum`` outside
-``[0, 1]``, an unknown ``impl``) are checked by the class itself when it is built, naming the argument.
+``[0, 1]`` or a word other than ``cumulative``, an unknown ``impl``) are checked by the class itself when it is
+built, naming the argument.
 
 :mod:`bn_lightning.hydra` registers these schemas in Hydra's ConfigStore.
 
@@ -34,7 +35,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf reads these annotations at runtime)
+from typing import Any, Dict, List, Optional, Union  # noqa: UP035  (OmegaConf reads these annotations at runtime)
 
 __all__ = [
     "TARGETS",
@@ -105,7 +106,8 @@ class BatchNormPolicyConfig:
     options: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
     include: Optional[List[str]] = None  # noqa: UP006, UP045
     exclude: Optional[List[str]] = None  # noqa: UP006, UP045
-    momentum: Optional[float] = None  # noqa: UP045
+    # a number in [0, 1], "cumulative" (torch's momentum=None) or null (keep); int: `bn.momentum=1` parses as one
+    momentum: Optional[Union[float, int, str]] = None  # noqa: UP007, UP045
     eps: Optional[float] = None  # noqa: UP045
     no_weight_decay: bool = True
     freeze: Optional[FreezePolicyConfig] = field(default_factory=FreezePolicyConfig)  # noqa: UP045

@@ -29,6 +29,7 @@ from bn_lightning.callbacks.gap import BatchNormGap
 from bn_lightning.callbacks.guard import BatchNormGuard, BatchNormNonFiniteError
 from bn_lightning.callbacks.monitor import BatchNormMonitor
 from bn_lightning.callbacks.precise_bn import PreciseBN
+from bn_lightning.callbacks.sync_buffers import SyncBatchNormBuffers
 from bn_lightning.precise_bn import recalibrate_bn
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "BatchNormNonFiniteError",
     "PreciseBN",
     "RunningStatDrift",
+    "SyncBatchNormBuffers",
     "find_batchnorm_layers",
     "recalibrate_bn",
 ]

@@ -2,10 +2,10 @@
 
 A subclass says WHAT to compute from a step's packed statistics (:meth:`~BatchNormCallbackBase.compute`) and what to
 do with the numbers (:meth:`~BatchNormCallbackBase.on_record`); the base decides WHEN (every ``log_every_n_steps``
-training batches), shares one :class:`~bn_lightning.callbacks.recorder.BatchNormRecorder` per model with the other
-BN callbacks, reduces the ``(layers, values)`` tensor with ONE collective under DDP, copies it to the host ONCE,
-hands plain floats to ``on_record`` on every rank (so decisions that raise are taken identically everywhere) and
-logs them on rank zero only.
+optimizer steps, on the micro-batch that ends the step under gradient accumulation), shares one
+:class:`~bn_lightning.callbacks.recorder.BatchNormRecorder` per model with the other BN callbacks, reduces the
+``(layers, values)`` tensor with ONE collective under DDP, copies it to the host ONCE, hands plain floats to
+``on_record`` on every rank (so decisions that raise are taken identically everywhere) and logs them on rank zero only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ class BatchNormCallbackBase(Callback, abc.ABC):
     :meth:`extra_width` and :meth:`derive` (with :attr:`DERIVED`). Metric keys are ``<prefix>/<layer>/<stat>``.
 
     Args:
-        log_every_n_steps: record every this many training batches; ``None`` uses the Trainer's
-            ``log_every_n_steps``.
+        log_every_n_steps: record every this many optimizer steps; ``None`` uses the Trainer's
+            ``log_every_n_steps``. Under gradient accumulation (``Trainer(accumulate_grad_batches=k)``) a step is
+            ``k`` micro-batches and the record is of the last of them, the one after which the optimizer steps (as
+            Lightning logs ``self.log`` values), so every record has its own ``global_step``.
         include: ``fnmatch`` patterns of BN layer names (qualified, e.g. ``"net.features.*"``) to watch.
         exclude: patterns of BN layer names to skip.
         prefix: metric key prefix.
@@ -83,7 +85,10 @@ class BatchNormCallbackBase(Callback, abc.ABC):
         self._layers: dict[str, _BatchNorm] = {}
         self._recorder: BatchNormRecorder | None = None
         self._armed = False
+        self._ends = True  # whether the current training batch ends an optimizer step
         self.batches_seen = 0
+        #: training batches seen that ended an optimizer step (all of them without gradient accumulation)
+        self.steps_seen = 0
         self.records = 0
 
     # ------------------------------------------------------------------ extension points
@@ -146,6 +151,20 @@ class BatchNormCallbackBase(Callback, abc.ABC):
     def _every(self, trainer: pl.Trainer) -> int:
         return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
 
+    @staticmethod
+    def _ends_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether the optimizer steps after this training batch.
+
+        Lightning's own rule under automatic optimisation: every ``accumulate_grad_batches``-th batch of the epoch,
+        and its last batch (manual optimisation allows no accumulation: every batch).
+        """
+        k = int(trainer.accumulate_grad_batches)
+        if k <= 1 or trainer.strategy.handles_gradient_accumulation or (batch_idx + 1) % k == 0:
+            return True
+        if batch_idx + 1 == trainer.num_training_batches:
+            return True
+        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)  # set before on_train_batch_start
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the strategy set up the model: a LayerSync plugin has already converted the layers
@@ -167,7 +186,8 @@ class BatchNormCallbackBase(Callback, abc.ABC):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._armed = bool(self._layers) and self.batches_seen % self._every(trainer) == 0
+        self._ends = self._ends_step(trainer, batch_idx)
+        self._armed = bool(self._layers) and self._ends and self.steps_seen % self._every(trainer) == 0
         if self._recorder is not None:
             self._recorder.begin(self, self._armed, self.sample_request() if self._armed else None)
 
@@ -175,6 +195,8 @@ class BatchNormCallbackBase(Callback, abc.ABC):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         armed, self._armed = self._armed, False
         self.batches_seen += 1
+        if self._ends:
+            self.steps_seen += 1
         if not armed or self._recorder is None:
             return
         self._recorder.end(self)
@@ -219,9 +241,11 @@ class BatchNormCallbackBase(Callback, abc.ABC):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_seen": self.batches_seen, "records": self.records}
+        return {"batches_seen": self.batches_seen, "steps_seen": self.steps_seen, "records": self.records}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict.get("batches_seen", 0))
+        # a checkpoint from before steps were counted: it recorded every batch, i.e. a step per batch
+        self.steps_seen = int(state_dict.get("steps_seen", self.batches_seen))
         self.records = int(state_dict.get("records", 0))

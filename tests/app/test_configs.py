@@ -25,6 +25,7 @@ from bn_lightning.callbacks import BatchNormFreeze, BatchNormGap, BatchNormMonit
 from bn_lightning.layers import SyncBatchNorm, get_batchnorm_class
 from bn_lightning.module import BatchNormModule
 from bn_lightning.policy import BatchNormPolicy, FreezePolicy, PreciseBNPolicy
+from tests.helpers.app import QUICK_RUN
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -143,7 +144,7 @@ def test_bn_policy_overrides(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("bn.momentun=0.1", "momentun"), ("bn.momentum=fast", "bn.momentum"), ("bn.freeze.at_epok=1", "at_epok")],
+    [("bn.momentun=0.1", "momentun"), ("bn.momentum=[0.1]", "bn.momentum"), ("bn.freeze.at_epok=1", "at_epok")],
 )
 def test_bn_typo_or_type_fails_at_composition(tmp_path: Path, override: str, key: str) -> None:
     with pytest.raises(ConfigCompositionException) as err:
@@ -163,6 +164,7 @@ def test_unknown_bn_option_lists_the_real_choices(tmp_path: Path) -> None:
     [
         ("bn.impl=gost", ValueError, r"impl.*'gost'.*expected one of \['frozen', 'ghost', 'renorm', 'scratch', 'sync'"),
         ("bn.momentum=2", ValueError, r"momentum must be a number >= 0 and <= 1, got 2"),
+        ("bn.momentum=fast", ValueError, r"momentum must be a number >= 0 and <= 1, 'cumulative' .* got 'fast'"),
         ("bn.eps=0", ValueError, r"eps must be"),
         ("bn.precise_bn.when=sometimes", ValueError, r"when must be one of"),
     ],
@@ -172,6 +174,24 @@ def test_bad_bn_values_raise_naming_the_key(tmp_path: Path, override: str, error
     cfg = compose_config(tmp_path, (override,))
     with pytest.raises(error, match=match):
         BatchNormPolicy.from_config(cfg.bn)
+
+
+@pytest.mark.parametrize("bn", ["torch", "scratch"])
+def test_bn_momentum_cumulative_reaches_the_layers(tmp_path: Path, bn: str) -> None:
+    """`bn.momentum=cumulative` is torch's momentum=None: every BN layer averages all batches equally."""
+    from bn_lightning.app.train import train
+
+    cfg = compose_config(tmp_path, (*QUICK_RUN, f"bn={bn}", "bn.momentum=cumulative", "model=cnn"))
+    _, objects = train(cfg)
+    bns = [m for m in objects["model"].modules() if isinstance(m, _BatchNorm)]
+    assert bns and all(m.momentum is None for m in bns)
+    assert all(int(m.num_batches_tracked) == 2 for m in bns)  # QUICK_RUN: 2 training batches
+    assert objects["module"].hparams.bn_policy["momentum"] == "cumulative"
+    # the default keeps each layer's momentum; a number sets it
+    for override, expected in (((), 0.1), (("bn.momentum=1",), 1.0)):
+        cfg = compose_config(tmp_path, (f"bn={bn}", "model=cnn", *override))
+        module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model), bn_policy=cfg.bn)
+        assert {m.momentum for m in module.modules() if isinstance(m, _BatchNorm)} == {expected}
 
 
 def test_bad_bn_option_value_raises_naming_the_key(tmp_path: Path) -> None:

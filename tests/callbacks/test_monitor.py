@@ -356,6 +356,45 @@ def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, 
     assert [step for step, _ in logger.bn_rows()] == [1, 4, 7]  # batches 0, 3, 6, logged at trainer.global_step
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path, every):
+    """accumulate_grad_batches=3 over 7 batches an epoch: steps end after batches 2, 5 and 6 (the epoch's last);
+    each recorded step is ONE CSV row, of the micro-batch after which the optimizer stepped."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = ConvBN(_bn("torch"))
+    monitor = BatchNormMonitor(log_every_n_steps=every, sample_size=10_000, histogram=False)
+    drift = RunningStatDrift(log_every_n_steps=every, min_batch_size=2)
+    data = torch.cat([_fixed_batch()] * 2)[:28]  # 7 batches of 4
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    _, trainer = _fit(
+        module,
+        [monitor, drift],
+        tmp_path,
+        data=data,
+        batch_size=4,
+        max_steps=-1,
+        max_epochs=2,
+        logger=logger,
+        accumulate_grad_batches=3,
+    )
+    assert trainer.global_step == 6
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("bn/bn/batch_mean")]
+    steps = [int(r["step"]) for r in rows]
+    recorded = [1, 2, 3, 4, 5, 6][::every]
+    assert steps == recorded  # one row per recorded step, none for the other micro-batches
+    assert monitor.records == drift.records == len(recorded)
+    assert monitor.batches_seen == 14 and monitor.steps_seen == 6
+    last_micro_batch = {1: 2, 2: 5, 3: 6, 4: 9, 5: 12, 6: 13}  # index of the training forward that ended the step
+    for row, step in zip(rows, steps, strict=True):
+        i = last_micro_batch[step]
+        expected = _expected(module.inputs[i], module.outputs[i])
+        assert float(row["bn/bn/batch_mean"]) == pytest.approx(expected["batch_mean"], rel=1e-4, abs=1e-6), step
+
+
 def test_log_every_n_steps_none_follows_the_trainer(tmp_path):
     cb = BatchNormMonitor(histogram=False)
     data = torch.cat([_fixed_batch()] * 2)[:20]  # 5 batches of 4
