@@ -5,8 +5,8 @@ Provides :func:`register_configs`, called on import, which stores the schemas of
 - group ``bn_lightning/bn``: the BN policy, one option per implementation (``torch``, ``scratch``, ``sync``,
   ``ghost``, ``renorm``, ``frozen``), each a :class:`~bn_lightning.app.schemas.BatchNormPolicyConfig` with that
   ``impl``;
-- group ``bn_lightning/callbacks``: ``monitor``, ``drift``, ``precise_bn``, ``gap``, ``freeze``, the callbacks with
-  all their defaults;
+- group ``bn_lightning/callbacks``: ``monitor``, ``drift``, ``precise_bn``, ``gap``, ``freeze``, ``guard``,
+  ``accumulate``, ``sync_buffers``, the callbacks with all their defaults;
 - group ``bn_lightning/plugins``: ``sync``, the :class:`~bn_lightning.plugins.SyncBatchNormPlugin`.
 
 Any Hydra application places them with a defaults entry, e.g. in its primary config::
@@ -23,8 +23,8 @@ Example::
 
     >>> import bn_lightning.hydra
     >>> from hydra.core.config_store import ConfigStore
-    >>> sorted(ConfigStore.instance().list("bn_lightning/callbacks"))
-    ['drift.yaml', 'freeze.yaml', 'gap.yaml', 'monitor.yaml', 'precise_bn.yaml']
+    >>> sorted(ConfigStore.instance().list("bn_lightning/callbacks"))[:5]
+    ['accumulate.yaml', 'drift.yaml', 'freeze.yaml', 'gap.yaml', 'guard.yaml']
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from bn_lightning.app.schemas import (
+    AccumulateBatchNormStatsConfig,
     BatchNormFreezeConfig,
     BatchNormGapConfig,
+    BatchNormGuardConfig,
     BatchNormMonitorConfig,
     BatchNormPolicyConfig,
     PreciseBNConfig,
     RunningStatDriftConfig,
+    SyncBatchNormBuffersConfig,
     SyncBatchNormPluginConfig,
 )
 
@@ -53,6 +56,9 @@ CALLBACK_OPTIONS: dict[str, type] = {
     "precise_bn": PreciseBNConfig,
     "gap": BatchNormGapConfig,
     "freeze": BatchNormFreezeConfig,
+    "guard": BatchNormGuardConfig,
+    "accumulate": AccumulateBatchNormStatsConfig,
+    "sync_buffers": SyncBatchNormBuffersConfig,
 }
 
 

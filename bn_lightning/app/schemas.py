@@ -39,14 +39,17 @@ from typing import Any, Dict, List, Optional, Union  # noqa: UP035  (OmegaConf r
 
 __all__ = [
     "TARGETS",
+    "AccumulateBatchNormStatsConfig",
     "BatchNormFreezeConfig",
     "BatchNormGapConfig",
+    "BatchNormGuardConfig",
     "BatchNormMonitorConfig",
     "BatchNormPolicyConfig",
     "FreezePolicyConfig",
     "PreciseBNConfig",
     "PreciseBNPolicyConfig",
     "RunningStatDriftConfig",
+    "SyncBatchNormBuffersConfig",
     "SyncBatchNormPluginConfig",
 ]
 
@@ -178,6 +181,31 @@ class BatchNormFreezeConfig(_FreezeFields):
 
 
 @dataclass
+class BatchNormGuardConfig:
+    """:class:`~bn_lightning.callbacks.guard.BatchNormGuard` (see it for what every field means)."""
+
+    _target_: str = "bn_lightning.callbacks.BatchNormGuard"
+    nonfinite: str = "skip"  # "skip" | "raise"
+    rollback_skipped_steps: bool = True
+
+
+@dataclass
+class AccumulateBatchNormStatsConfig:
+    """:class:`~bn_lightning.callbacks.accumulate.AccumulateBatchNormStats` (no arguments)."""
+
+    _target_: str = "bn_lightning.callbacks.AccumulateBatchNormStats"
+
+
+@dataclass
+class SyncBatchNormBuffersConfig:
+    """:class:`~bn_lightning.callbacks.sync_buffers.SyncBatchNormBuffers` (see it for what every field means)."""
+
+    _target_: str = "bn_lightning.callbacks.SyncBatchNormBuffers"
+    reduce: str = "mean"  # "mean" | "broadcast"
+    when: str = "before_validation"  # "before_validation" | "epoch_end" | "before_save"
+
+
+@dataclass
 class SyncBatchNormPluginConfig:
     """:class:`~bn_lightning.plugins.SyncBatchNormPlugin` (see it for what every field means)."""
 
@@ -198,6 +226,9 @@ TARGETS: dict[type, str] = {
         PreciseBNConfig,
         BatchNormGapConfig,
         BatchNormFreezeConfig,
+        BatchNormGuardConfig,
+        AccumulateBatchNormStatsConfig,
+        SyncBatchNormBuffersConfig,
         SyncBatchNormPluginConfig,
     )
 }

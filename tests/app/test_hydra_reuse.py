@@ -42,7 +42,16 @@ def test_groups_and_options_are_registered() -> None:
     assert sorted(store.list("bn_lightning/bn")) == sorted(f"{o}.yaml" for o in BN_OPTIONS)
     assert set(BN_OPTIONS) == {"torch", "scratch", "sync", "ghost", "renorm", "frozen"}
     assert sorted(store.list("bn_lightning/callbacks")) == sorted(f"{o}.yaml" for o in CALLBACK_OPTIONS)
-    assert set(CALLBACK_OPTIONS) == {"monitor", "drift", "precise_bn", "gap", "freeze"}
+    assert set(CALLBACK_OPTIONS) == {
+        "monitor",
+        "drift",
+        "precise_bn",
+        "gap",
+        "freeze",
+        "guard",
+        "accumulate",
+        "sync_buffers",
+    }
 
 
 @pytest.mark.parametrize("schema", list(schemas.TARGETS), ids=lambda s: s.__name__)
@@ -91,6 +100,9 @@ def test_every_registered_callback_instantiates(tmp_path: Path) -> None:
         "precise_bn": "PreciseBN",
         "gap": "BatchNormGap",
         "freeze": "BatchNormFreeze",
+        "guard": "BatchNormGuard",
+        "accumulate": "AccumulateBatchNormStats",
+        "sync_buffers": "SyncBatchNormBuffers",
     }
     assert built["drift"].max_drift_kl == 1.5
     assert instantiate(cfg.bn) == BatchNormPolicy(impl="renorm")

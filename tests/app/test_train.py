@@ -214,3 +214,19 @@ def test_train_sets_the_bn_kernel_and_refuses_an_unknown_one(tmp_path: Path, mon
     assert not (tmp_path / "checkpoints").exists()
     metrics, _ = train(shrunk_config(tmp_path, "bn=scratch", "model=mlp", "bn_kernel=compiled"))
     assert BF.get_kernel() == "compiled" and metrics["train/loss_epoch"] > 0
+
+
+def test_statistics_callbacks_from_the_command_line(tmp_path: Path) -> None:
+    """callbacks=[default,bn_guard,bn_accumulate,bn_sync_buffers] with accumulation: one BN update per step."""
+    cfg = shrunk_config(
+        tmp_path,
+        "callbacks=[default,bn_guard,bn_accumulate,bn_sync_buffers]",
+        "trainer.limit_train_batches=4",
+        "trainer.accumulate_grad_batches=2",
+    )
+    _, objects = train(cfg)
+    names = {type(c).__name__ for c in objects["callbacks"]}
+    assert {"BatchNormGuard", "AccumulateBatchNormStats", "SyncBatchNormBuffers"} <= names
+    assert objects["trainer"].global_step == 2  # 4 batches, 2 per optimizer step
+    tracked = [int(m.num_batches_tracked) for m in objects["model"].modules() if isinstance(m, _BatchNorm)]
+    assert tracked and set(tracked) == {2}  # without AccumulateBatchNormStats: 4
