@@ -30,6 +30,7 @@ from bn_lightning.layers import (
     SyncBatchNorm,
     get_batchnorm_class,
 )
+from bn_lightning.monitoring import BatchNormRecorder
 from bn_lightning.precise_bn import recalibrate_bn
 from bn_lightning.sync_stats import sync_running_stats
 
@@ -66,6 +67,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormModule",
     "BatchNormPolicy",
+    "BatchNormRecorder",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "FreezePolicy",

@@ -1,7 +1,8 @@
 """BatchNorm health checks on one layer's recorded statistics: what was seen, and what to do about it.
 
-Provides :class:`HealthChecks` (the thresholds and the checks, pure Python on a dict of numbers) and
-:class:`HealthAlert` (one failed check). :class:`~bn_lightning.callbacks.RunningStatDrift` runs them on every record;
+Provides :class:`HealthChecks` (the thresholds and the checks, pure Python on a dict of numbers),
+:class:`HealthAlert` (one failed check) and :class:`BatchNormHealthError` (a failed check whose action is
+``"raise"``). :class:`~bn_lightning.callbacks.RunningStatDrift` runs them on every record;
 ``bn-report`` runs the same checks on the metrics a run logged, so the report's alert table and the warnings during
 training say the same thing.
 """
@@ -14,10 +15,14 @@ from dataclasses import dataclass
 
 from bn_lightning.validation import check_int, check_number, check_probability
 
-__all__ = ["CHECKS", "HealthAlert", "HealthChecks"]
+__all__ = ["CHECKS", "BatchNormHealthError", "HealthAlert", "HealthChecks"]
 
 #: health checks and what they look at
 CHECKS = ("nonfinite", "small_batch", "collapse", "drift")
+
+
+class BatchNormHealthError(RuntimeError):
+    """A failed health check whose action is ``"raise"`` (:class:`~bn_lightning.monitoring.DriftStats`)."""
 
 
 @dataclass(frozen=True)

@@ -333,11 +333,13 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
         ]
         return max(found, default=(0.0, 0))
 
-    cb, rec, mon, drift = (
+    cb, rec, mon, drift, mon_stats, drift_stats = (
         "bn_lightning/callbacks/base.py",
-        "bn_lightning/callbacks/recorder.py",
+        "bn_lightning/monitoring/hooks.py",
         "bn_lightning/callbacks/monitor.py",
         "bn_lightning/callbacks/drift.py",
+        "bn_lightning/monitoring/activations.py",
+        "bn_lightning/monitoring/drift.py",
     )
     rows = []
     for label, file_part, func, line in [
@@ -346,9 +348,9 @@ def profile_callbacks(candidates: dict[str, Candidate], steps: int, top: int) ->
         ("  BN forward hooks (stash, samples, shared)", rec, "_post", None),
         ("callbacks' on_train_batch_start", cb, "on_train_batch_start", None),
         ("callbacks' on_train_batch_end (both)", cb, "on_train_batch_end", None),
-        ("  BatchNormRecorder.batch (pack all layers, shared)", rec, "batch", None),
-        ("  BatchNormMonitor.compute (all layers)", mon, "compute", None),
-        ("  RunningStatDrift.compute (all layers)", drift, "compute", None),
+        ("  LayerHooks.batch (pack all layers, shared)", rec, "batch", None),
+        ("  MonitorStats.compute (all layers)", mon_stats, "compute", None),
+        ("  DriftStats.compute (all layers)", drift_stats, "compute", None),
         ("  _log -> CSVLogger.log_metrics", cb, "_log", None),
         ("  BatchNormMonitor.on_record", mon, "on_record", None),
         ("  RunningStatDrift.on_record (checks)", drift, "on_record", None),

@@ -1,8 +1,8 @@
 """The floors of the package (docs/architecture.md), checked on the source: who may import what.
 
 - core (torch only): functional/, layers/, convert.py, precise_bn.py, distributed.py, validation.py, health.py,
-  guards.py, sync_stats.py;
-- Lightning: callbacks/, plugins.py, module.py, policy.py;
+  guards.py, sync_stats.py, monitoring/;
+- Lightning: callbacks/, plugins.py, module.py, policy.py, fabric.py;
 - app: hydra.py, app/, report/.
 
 A floor imports only floors below it, and no module imports an underscore name (or an underscore module) from
@@ -21,8 +21,19 @@ import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bn_lightning"
-CORE = {"functional", "layers", "convert", "precise_bn", "distributed", "validation", "health", "guards", "sync_stats"}
-LIGHTNING = {"callbacks", "plugins", "module", "policy"}
+CORE = {
+    "functional",
+    "layers",
+    "convert",
+    "precise_bn",
+    "distributed",
+    "validation",
+    "health",
+    "guards",
+    "sync_stats",
+    "monitoring",
+}
+LIGHTNING = {"callbacks", "plugins", "module", "policy", "fabric"}
 APP = {"hydra", "app", "report"}
 FLOOR = {**{name: 0 for name in CORE}, **{name: 1 for name in LIGHTNING}, **{name: 2 for name in APP}}
 # third-party packages each floor may not import anywhere (function-level imports included) ...

@@ -7,16 +7,11 @@ Repair: :class:`PreciseBN` / :func:`recalibrate_bn` (population statistics, also
 Guard: :class:`BatchNormGuard` (non-finite batches, skipped steps), :class:`AccumulateBatchNormStats` (one update per
 optimizer step), :class:`SyncBatchNormBuffers` (the same statistics on every rank).
 
-One callback per module; the watching callbacks share the machinery beside them:
-
-- :mod:`~bn_lightning.callbacks.base`: :class:`BatchNormCallbackBase`, the abstract base (when to record, one
-  reduction and one host copy per record, logging, checkpoints);
-- :mod:`~bn_lightning.callbacks.recorder`: :class:`~bn_lightning.callbacks.recorder.BatchNormRecorder`, the forward
-  hooks and their stashes, a plain object, shared per model through :mod:`~bn_lightning.callbacks.registry`;
-- :mod:`~bn_lightning.callbacks.discovery` (:func:`find_batchnorm_layers`), :mod:`~bn_lightning.callbacks.recovery`
-  (batch statistics from the running-stat update), :mod:`~bn_lightning.callbacks.sampling` (bounded samples),
-  :mod:`~bn_lightning.callbacks.packing` (many small tensors in one gather), :mod:`~bn_lightning.callbacks.reduction`
-  (one collective across ranks).
+One callback per module; the watching callbacks are Lightning adapters of
+:class:`~bn_lightning.monitoring.BatchNormRecorder` (the hooks, the statistics, the reduction across ranks live in
+:mod:`bn_lightning.monitoring`, torch only): :mod:`~bn_lightning.callbacks.base` holds
+:class:`BatchNormCallbackBase`, the abstract base (when to record under Lightning's cadence and gradient
+accumulation, logging, checkpoints); :mod:`~bn_lightning.callbacks.discovery` gives :func:`find_batchnorm_layers`.
 """
 
 from bn_lightning.callbacks.accumulate import AccumulateBatchNormStats

@@ -1,41 +1,52 @@
 """The base of the callbacks that watch BN layers during training: :class:`BatchNormCallbackBase`.
 
-A subclass says WHAT to compute from a step's packed statistics (:meth:`~BatchNormCallbackBase.compute`) and what to
-do with the numbers (:meth:`~BatchNormCallbackBase.on_record`); the base decides WHEN (every ``log_every_n_steps``
-optimizer steps, on the micro-batch that ends the step under gradient accumulation), shares one
-:class:`~bn_lightning.callbacks.recorder.BatchNormRecorder` per model with the other BN callbacks, reduces the
-``(layers, values)`` tensor with ONE collective under DDP, copies it to the host ONCE, hands plain floats to
-``on_record`` on every rank (so decisions that raise are taken identically everywhere) and logs them on rank zero only.
+A subclass is a :class:`~bn_lightning.monitoring.Statistics`: it says WHAT to compute from a step's packed
+statistics (:meth:`~BatchNormCallbackBase.compute`) and what to do with the numbers
+(:meth:`~BatchNormCallbackBase.on_record`). The base is the Lightning adapter of a
+:class:`~bn_lightning.monitoring.BatchNormRecorder` (which shares one set of hooks per model with the other BN
+callbacks, reduces the ``(layers, values)`` tensor with ONE collective under DDP and copies it to the host ONCE): it
+decides WHEN (every ``log_every_n_steps`` optimizer steps, on the micro-batch that ends the step under gradient
+accumulation), hands plain floats to ``on_record`` on every rank (so decisions that raise are taken identically
+everywhere) and logs them on rank zero only.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from bn_lightning.callbacks import registry
-from bn_lightning.callbacks.discovery import find_batchnorm_layers
-from bn_lightning.callbacks.recorder import BatchNormRecorder, LayerBatch
-from bn_lightning.callbacks.reduction import reduce_across_ranks
+from bn_lightning.monitoring import BatchNormRecorder, LayerBatch, Statistics
 from bn_lightning.validation import check_int, check_patterns
 
-__all__ = ["BatchNormCallbackBase"]
+__all__ = ["BatchNormCallbackBase", "delegated"]
 
 
-class BatchNormCallbackBase(Callback, abc.ABC):
+def delegated(name: str) -> Any:
+    """A property reading and writing ``self.stats.<name>``: a callback's settings live in its statistic set."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.stats, name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self.stats, name, value)
+
+    return property(get, set_, doc=f"``stats.{name}``.")
+
+
+class BatchNormCallbackBase(Callback, Statistics):
     """Base of :class:`~bn_lightning.callbacks.BatchNormMonitor` and :class:`~bn_lightning.callbacks.RunningStatDrift`.
 
-    Extension points: :meth:`compute` and :meth:`on_record` (abstract), and, when needed, :meth:`sample_request`,
-    :meth:`extra_width` and :meth:`derive` (with :attr:`DERIVED`). Metric keys are ``<prefix>/<layer>/<stat>``.
+    Extension points: :meth:`compute` and :meth:`on_record` (abstract), and, when needed, those of
+    :class:`~bn_lightning.monitoring.Statistics` (:meth:`sample_request`, :meth:`extra_width`, :meth:`derive` with
+    :attr:`DERIVED`, :meth:`watch`). Metric keys are ``<prefix>/<layer>/<stat>``.
 
     Args:
         log_every_n_steps: record every this many optimizer steps; ``None`` uses the Trainer's
@@ -52,6 +63,7 @@ class BatchNormCallbackBase(Callback, abc.ABC):
 
     Example::
 
+        >>> import torch
         >>> class BatchMean(BatchNormCallbackBase):
         ...     STATS = {"batch_mean": "mean"}
         ...
@@ -64,11 +76,6 @@ class BatchNormCallbackBase(Callback, abc.ABC):
         >>> BatchMean(log_every_n_steps=10).log_every_n_steps
         10
     """
-
-    #: stat name -> cross-rank reduction (one of :data:`~bn_lightning.callbacks.reduction.REDUCTIONS`)
-    STATS: ClassVar[dict[str, str]] = {}
-    #: stats computed under DDP from every rank's values (see :meth:`derive`)
-    DERIVED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -113,33 +120,23 @@ class BatchNormCallbackBase(Callback, abc.ABC):
             step: ``trainer.global_step``.
         """
 
-    def sample_request(self) -> tuple[int, bool] | None:
-        """``(k, with_input)``: the hooks keep ``k``-element samples of the output (and input) on recording steps."""
-        return None
-
-    def extra_width(self) -> int:
-        """Number of extra (unnamed, summed across ranks) columns after :attr:`STATS`, e.g. histogram bins."""
-        return 0
-
-    def derive(self, per_rank: Tensor) -> Tensor:
-        """Under DDP: the :attr:`DERIVED` statistics ``(layers, len(DERIVED))`` of the per-rank values.
-
-        ``per_rank`` is ``(world, layers, columns)``; computed on the device, before the host copy. Subclasses that
-        declare :attr:`DERIVED` must override it.
-        """
-        raise NotImplementedError(f"{type(self).__name__} declares DERIVED = {self.DERIVED} but no derive()")
-
     # ------------------------------------------------------------------ hooks
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._remove()
-        self._layers = find_batchnorm_layers(pl_module, self.include, self.exclude)
-        if self._layers:
-            self._recorder = registry.subscribe(pl_module, self, list(self._layers.values()))
+        self._recorder = BatchNormRecorder(
+            pl_module,
+            include=self.include,
+            exclude=self.exclude,
+            statistics=[self],
+            prefix=self.prefix,
+            arm_in_step=False,  # on_train_batch_start arms; the callbacks on one model share the hooks
+        )
+        self._layers = self._recorder.layers
 
     def _remove(self) -> None:
         if self._recorder is not None:
-            registry.unsubscribe(self._recorder, self)
+            self._recorder.close()
             self._recorder = None
         self._armed = False
 
@@ -189,7 +186,7 @@ class BatchNormCallbackBase(Callback, abc.ABC):
         self._ends = self._ends_step(trainer, batch_idx)
         self._armed = bool(self._layers) and self._ends and self.steps_seen % self._every(trainer) == 0
         if self._recorder is not None:
-            self._recorder.begin(self, self._armed, self.sample_request() if self._armed else None)
+            self._recorder.arm(self._armed)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
@@ -199,35 +196,14 @@ class BatchNormCallbackBase(Callback, abc.ABC):
             self.steps_seen += 1
         if not armed or self._recorder is None:
             return
-        self._recorder.end(self)
-        # a row for EVERY watched layer (NaN where this rank did not run it): every rank sends the same shape
-        local = self.compute(self._recorder.batch_for(self, pl_module.device)).float()
-        hows = list(self.STATS.values()) + ["sum"] * self.extra_width()
-        reduced, per_rank = reduce_across_ranks(local, hows)
-        names = list(self.STATS)
-        if per_rank.shape[0] > 1 and self.DERIVED:  # statistics of the per-rank values, still on the device
-            reduced = torch.cat([reduced[:, : len(names)], self.derive(per_rank), reduced[:, len(names) :]], dim=1)
-            names += list(self.DERIVED)
-        host = reduced.cpu()  # the ONE host transfer of this record
-        values: dict[str, dict[str, float]] = {}
-        extras: dict[str, list[float]] = {}
-        k = len(names)
-        for name, row in zip(self._layers, host.tolist(), strict=True):
-            stats = row[:k]
-            if all(v != v for v in stats):  # all NaN: no rank ran this layer in this step
-                continue
-            values[name] = {key: v for key, v in zip(names, stats, strict=True) if v == v}
-            extras[name] = row[k:]
         step = trainer.global_step
+        record = self._recorder.record(step, seen=self.batches_seen)
         self.records += 1
-        self._log(trainer, values, step)
-        self.on_record(trainer, values, extras, step)
+        self._log(trainer, record.metrics, step)
+        self.on_record(trainer, record.values[0], record.extras[0], step)
 
-    def _log(self, trainer: pl.Trainer, values: dict[str, dict[str, float]], step: int) -> None:
-        if not trainer.is_global_zero or not trainer.loggers:
-            return
-        metrics = {f"{self.prefix}/{layer}/{stat}": v for layer, stats in values.items() for stat, v in stats.items()}
-        if not metrics:
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        if not trainer.is_global_zero or not trainer.loggers or not metrics:
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -1,32 +1,8 @@
-"""Which modules of a model the BN callbacks watch: :func:`find_batchnorm_layers`."""
+"""Which modules of a model the BN callbacks watch: :func:`find_batchnorm_layers`, the core's function.
 
-from __future__ import annotations
+Defined in :mod:`bn_lightning.monitoring.discovery` (the recorders use it too); here for the callbacks beside it.
+"""
 
-from collections.abc import Sequence
-
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from bn_lightning.validation import selected
+from bn_lightning.monitoring import find_batchnorm_layers
 
 __all__ = ["find_batchnorm_layers"]
-
-
-def find_batchnorm_layers(
-    module: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
-) -> dict[str, _BatchNorm]:
-    """Qualified name -> trainable BN layer (torch's, ours, SyncBatchNorm), filtered by ``fnmatch`` patterns.
-
-    A layer is one of torch's ``_BatchNorm`` subclasses; frozen BN layers (plain modules whose statistics never
-    change) are not. ``include``/``exclude`` apply to the qualified name as :func:`bn_lightning.validation.selected`
-    does.
-
-    Example::
-
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.BatchNorm1d(4)))
-        >>> list(find_batchnorm_layers(net)), list(find_batchnorm_layers(net, exclude=["2.*"]))
-        (['1', '2.0'], ['1'])
-    """
-    return {
-        name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm) and selected(name, include, exclude)
-    }

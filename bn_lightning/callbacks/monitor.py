@@ -10,37 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 from typing_extensions import override
 
-from bn_lightning.callbacks.base import BatchNormCallbackBase
-from bn_lightning.callbacks.recorder import LayerBatch
-from bn_lightning.callbacks.sampling import sample_plan
-from bn_lightning.validation import check_int, check_number
+from bn_lightning.callbacks.base import BatchNormCallbackBase, delegated
+from bn_lightning.monitoring import LayerBatch, MonitorStats, sample_flat
 
 __all__ = ["BatchNormMonitor", "sample_flat"]
-
-
-def sample_flat(t: Tensor, k: int, cache: dict[Any, Any] | None = None) -> tuple[Tensor, Tensor]:
-    """A fixed random sample of at most ``k`` elements of ``t`` ``(N, C, *)`` and the channel of each.
-
-    Reads the tensor in memory order for contiguous and channels-last tensors, in logical order otherwise, without
-    copying it, so the cost is O(k) whatever the activation size. The indices are drawn once per (size, layout,
-    device) and cached in ``cache`` (default: the cache the callbacks share), so successive records look at the same
-    positions.
-
-    Returns:
-        ``(values, channels)``, both of length ``min(k, t.numel())``.
-
-    Example::
-
-        >>> values, channels = sample_flat(torch.arange(24.0).view(2, 3, 4), k=5)
-        >>> len(values), bool(((values // 4) % 3 == channels).all())
-        (5, True)
-    """
-    source, idx, channels = sample_plan(t, k, cache)
-    return torch.take(source, idx), channels
 
 
 class BatchNormMonitor(BatchNormCallbackBase):
@@ -87,20 +63,7 @@ class BatchNormMonitor(BatchNormCallbackBase):
         ...                      enable_progress_bar=False, enable_model_summary=False)
     """
 
-    STATS = {
-        "batch_mean": "mean",
-        "batch_std": "mean",
-        "max_abs_mean": "max",
-        "min_std": "min",
-        "max_std": "max",
-        "collapsed_frac": "mean",
-        "nonfinite_channels": "max",
-        "out_std": "mean",
-        "out_nonpos_frac": "mean",
-        "gamma_abs_min": "min",
-        "gamma_near_zero": "max",
-        "beta_mean": "mean",
-    }
+    STATS = MonitorStats.STATS
 
     def __init__(
         self,
@@ -116,70 +79,35 @@ class BatchNormMonitor(BatchNormCallbackBase):
         prefix: str = "bn",
     ) -> None:
         super().__init__(log_every_n_steps, include, exclude, prefix)
-        owner = type(self).__name__
-        self.histogram = histogram
-        self.bins = check_int(owner, "bins", bins)
-        self.hist_range = float(check_number(owner, "hist_range", hist_range, low=0, low_open=True))
-        self.sample_size = check_int(owner, "sample_size", sample_size)
-        self.collapse_var = check_number(owner, "collapse_var", collapse_var, low=0, low_open=True)
-        self.near_zero_gamma = check_number(owner, "near_zero_gamma", near_zero_gamma, low=0, low_open=True)
+        #: the statistic set this callback records
+        self.stats = MonitorStats(
+            histogram, bins, hist_range, sample_size, collapse_var, near_zero_gamma, owner=type(self).__name__
+        )
+
+    histogram = delegated("histogram")
+    bins = delegated("bins")
+    hist_range = delegated("hist_range")
+    sample_size = delegated("sample_size")
+    collapse_var = delegated("collapse_var")
+    near_zero_gamma = delegated("near_zero_gamma")
 
     @override
     def extra_width(self) -> int:
-        return self.bins if self.histogram else 0
+        return self.stats.extra_width()
 
     @override
     def sample_request(self) -> tuple[int, bool]:
-        return self.sample_size, self.histogram
+        return self.stats.sample_request()
 
     @override
     def compute(self, batch: LayerBatch) -> Tensor:
-        mean, var, mask, n = batch.mean, batch.var, batch.mask, batch.channels
-        std = var.clamp(min=0).sqrt()
-        inf = torch.inf
-        gamma = batch.before[:, 2].abs()
-        nan = torch.full((), float("nan"), device=mean.device)
-        out, out_mask, out_n, inp, channels = batch.samples(self.sample_size, self.histogram)
-        out_mean = out.sum(1, keepdim=True) / out_n.unsqueeze(1)
-        out_var = torch.where(out_mask, out - out_mean, 0).square().sum(1) / out_n
-        # padding is 0 in every packed tensor: sums need no mask, nor maxima of non-negative values
-        columns = [
-            mean.sum(1) / n,
-            std.sum(1) / n,
-            mean.abs().amax(1),
-            torch.where(mask, std, inf).amin(1),
-            std.amax(1),
-            ((var <= self.collapse_var) & mask).sum(1) / n,
-            (~torch.isfinite(mean + var)).sum(1),
-            out_var.sqrt(),
-            ((out <= 0) & out_mask).sum(1) / out_n,
-            torch.where(batch.has_weight, torch.where(mask, gamma, inf).amin(1), nan),
-            torch.where(batch.has_weight, ((gamma < self.near_zero_gamma) & mask).sum(1), nan),
-            torch.where(batch.has_bias, batch.before[:, 3].sum(1) / n, nan),
-        ]
-        values = torch.stack([c.float() for c in columns], dim=1)
-        if inp is not None and channels is not None:  # with the histogram
-            xhat = (inp - mean.gather(1, channels)) * torch.rsqrt(var.gather(1, channels) + batch.eps)
-            values = torch.cat([values, self._histograms(xhat, out_mask)], dim=1)
-        return torch.where(batch.ran.unsqueeze(1), values, nan)
-
-    def _histograms(self, xhat: Tensor, mask: Tensor) -> Tensor:
-        """Row-wise ``torch.histc(xhat.clamp(-r, r), bins, -r, r)`` of the ``mask``-ed entries, ``(L, bins)``."""
-        lim, bins = self.hist_range, self.bins
-        clamped = xhat.clamp(-lim, lim)
-        valid = mask & (clamped == clamped)  # histc skips NaN
-        # histc's bin: (x - min) * bins / (max - min), the right edge in the last bin
-        pos = torch.where(valid, (clamped + lim) * bins / (2 * lim), 0).long().clamp_(max=bins - 1)
-        pos += torch.arange(0, xhat.shape[0] * bins, bins, device=xhat.device).unsqueeze(1)
-        counts = torch.zeros(xhat.shape[0] * bins, device=xhat.device)
-        return counts.index_add_(0, pos.view(-1), valid.view(-1).float()).view(-1, bins)
+        return self.stats.compute(batch)
 
     @override
     def on_record(self, trainer, values, extras, step) -> None:  # type: ignore[override]
         if not (self.histogram and trainer.is_global_zero and trainer.loggers):
             return
-        lim, bins = self.hist_range, self.bins
-        edges = torch.linspace(-lim, lim, bins + 1).tolist()
+        edges = self.stats.edges()
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_histogram_raw"):  # TensorBoard

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import bn_lightning
 from bn_lightning.callbacks import BatchNormCallbackBase, BatchNormMonitor, RunningStatDrift, find_batchnorm_layers
 from bn_lightning.callbacks.drift import gaussian_kl
-from bn_lightning.callbacks.recorder import BatchNormRecorder
+from bn_lightning.monitoring import LayerHooks
 from tests.helpers.lightning_ddp_callbacks import CapturingLogger
 from tests.helpers.tiny import TinyBNNet
 
@@ -333,7 +333,7 @@ def test_all_layers_of_a_mixed_model_match_independent_computation(tmp_path, mon
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, monkeypatch, cls):
     computed, stashed = [], []
-    compute, post = cls.compute, BatchNormRecorder._post
+    compute, post = cls.compute, LayerHooks._post
 
     def computing(self, batch):
         computed.append((self.batches_seen, batch.ran_list))
@@ -345,7 +345,7 @@ def test_records_only_every_n_batches_and_computes_nothing_in_between(tmp_path, 
         return post(self, layer, args, output)
 
     monkeypatch.setattr(cls, "compute", computing)
-    monkeypatch.setattr(BatchNormRecorder, "_post", stashing)
+    monkeypatch.setattr(LayerHooks, "_post", stashing)
     cb = cls(log_every_n_steps=3)
     data = torch.cat([_fixed_batch()] * 2)[:28]  # 7 batches of 4
     logger, trainer = _fit(ConvBN(_bn("torch"), capture=False), [cb], tmp_path, data=data, batch_size=4, max_steps=7)
@@ -415,14 +415,14 @@ def test_hooks_installed_for_fit_and_removed_at_teardown(tmp_path, cls):
 @pytest.mark.parametrize("cls", [BatchNormMonitor, RunningStatDrift])
 def test_validation_and_sanity_check_neither_record_nor_touch_state(tmp_path, monkeypatch, cls):
     modes = []
-    original = BatchNormRecorder._post
+    original = LayerHooks._post
 
     def spying(self, layer, args, output):
         if self.armed:
             modes.append(layer.training)
         return original(self, layer, args, output)
 
-    monkeypatch.setattr(BatchNormRecorder, "_post", spying)
+    monkeypatch.setattr(LayerHooks, "_post", spying)
     g = torch.Generator().manual_seed(3)
     train = torch.randn(24, 3, 6, 6, generator=g)  # 6 different batches of 4: the velocities are not zero
     val = torch.randn(8, 3, 6, 6, generator=g) * 5 + 3

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bn_lightning.callbacks.sampling import MAX_CACHED
+from bn_lightning.monitoring.sampling import MAX_CACHED
 
 __all__ = ["Packer", "pack_index"]
 

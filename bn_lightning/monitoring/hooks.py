@@ -1,7 +1,8 @@
-"""The recorder: forward hooks on BN layers that stash what a record needs, packed once per step for every reader.
+"""The hooks: forward hooks on BN layers that stash what a record needs, packed once per step for every reader.
 
-Provides :class:`BatchNormRecorder` and :class:`LayerBatch`. A recorder is a plain object (no Trainer): the BN
-callbacks use one per model (:mod:`bn_lightning.callbacks.registry`), and any training loop can drive one.
+Provides :class:`LayerHooks` and :class:`LayerBatch`. One :class:`LayerHooks` serves every recorder of a model
+(:mod:`bn_lightning.monitoring.registry`): :class:`~bn_lightning.monitoring.BatchNormRecorder` and, through it, the
+Lightning and Fabric callbacks.
 
 How a record works (on steps that do not record, the hooks return at once and no tensor op runs):
 
@@ -9,11 +10,11 @@ How a record works (on steps that do not record, the hooks return at once and no
   affine parameters as they were before the forward (``4 * C`` values), references to the batch statistics where the
   layer keeps them, and bounded samples of its input and output (taken in the hook: a following in-place ReLU
   overwrites the output);
-- after the step, :meth:`BatchNormRecorder.batch` packs the stashes of all layers into padded ``(layers, channels)``
-  tensors (one ``cat`` and one ``index_select`` each, :class:`~bn_lightning.callbacks.packing.Packer`), once for
+- after the step, :meth:`LayerHooks.batch` packs the stashes of all layers into padded ``(layers, channels)``
+  tensors (one ``cat`` and one ``index_select`` each, :class:`~bn_lightning.monitoring.packing.Packer`), once for
   every reader, so the number of ops does not grow with the number of layers; torch layers' batch statistics are
   recovered from their running-stat update for all layers at once
-  (:mod:`~bn_lightning.callbacks.recovery`).
+  (:mod:`~bn_lightning.monitoring.recovery`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.callbacks.packing import Packer
-from bn_lightning.callbacks.recovery import MIN_FACTOR, update_factor
-from bn_lightning.callbacks.sampling import sample_plan
 from bn_lightning.functional import batch_stats
 from bn_lightning.layers import has_batch_stats
+from bn_lightning.monitoring.packing import Packer
+from bn_lightning.monitoring.recovery import MIN_FACTOR, update_factor
+from bn_lightning.monitoring.sampling import sample_plan
 
-__all__ = ["BatchNormRecorder", "LayerBatch"]
+__all__ = ["LayerHooks", "LayerBatch"]
 
 
 class _Entry:
@@ -140,10 +141,10 @@ class LayerBatch:
         return out, mask, count, inp, cached[1]
 
 
-class BatchNormRecorder:
+class LayerHooks:
     """The forward hooks of the BN layers its readers watch, and what they stash on recording steps.
 
-    Readers (any hashable key: the callbacks use themselves) :meth:`subscribe` with their layers; the recorder
+    Readers (any hashable key: the recorders use themselves) :meth:`subscribe` with their layers; the object
     watches the union, one pre-forward and one forward hook per layer whatever the number of readers. Every reader
     calls :meth:`begin` at every training step start (the first call of a step clears the previous step's stashes;
     the hooks stash when any reader records in the step) and :meth:`end` when its step is over; :meth:`batch` packs
@@ -154,15 +155,15 @@ class BatchNormRecorder:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-        >>> recorder = BatchNormRecorder()
-        >>> recorder.subscribe("me", [net[1]])
-        >>> recorder.begin("me", recording=True)
+        >>> hooks = LayerHooks()
+        >>> hooks.subscribe("me", [net[1]])
+        >>> hooks.begin("me", recording=True)
         >>> _ = net(torch.randn(8, 3))
-        >>> recorder.end("me")
-        >>> batch = recorder.batch(torch.device("cpu"))
+        >>> hooks.end("me")
+        >>> batch = hooks.batch(torch.device("cpu"))
         >>> tuple(batch.mean.shape), batch.ran_list
         ((1, 4), [True])
-        >>> recorder.unsubscribe("me")  # the last reader gone: the hooks are removed
+        >>> hooks.unsubscribe("me")  # the last reader gone: the hooks are removed
         >>> net[1]._forward_hooks
         OrderedDict()
     """
@@ -180,6 +181,8 @@ class BatchNormRecorder:
         self._batch: LayerBatch | None = None
         self._packer = Packer()
         self._zeros: dict[Any, Tensor] = {}
+        self.grad_only = False
+        self._grad_only_by: dict[Hashable, bool] = {}
 
     # ------------------------------------------------------------------ subscription
 
@@ -213,20 +216,25 @@ class BatchNormRecorder:
         self.entries, self._pending = {}, {}
         self.armed = False
         self._armed_by = set()
+        self._grad_only_by, self.grad_only = {}, False
 
     # ------------------------------------------------------------------ steps
 
-    def begin(self, key: Hashable, recording: bool, sample: tuple[int, bool] | None = None) -> None:
+    def begin(
+        self, key: Hashable, recording: bool, sample: tuple[int, bool] | None = None, grad_only: bool = False
+    ) -> None:
         """Called by every reader at every training step start.
 
         Args:
             key: the reader.
             recording: whether the reader records in this step (the hooks stash when any reader does).
             sample: ``(k, with_input)``: keep ``k``-element samples of the output (and of the input) too.
+            grad_only: the reader ignores forwards run without gradients (``torch.no_grad``, inference mode: an
+                evaluation between two training steps); the hooks skip them when every recording reader does.
         """
         if key in self._begun:  # the first call of a new step
             self._begun = set()
-            self.armed, self._armed_by = False, set()
+            self.armed, self._armed_by, self._grad_only_by = False, set(), {}
             if self.entries or self._pending or self._batch is not None:
                 self.entries, self._pending, self._batch = {}, {}, None
             self._wants = {}
@@ -234,6 +242,8 @@ class BatchNormRecorder:
         if recording:
             self.armed = True
             self._armed_by.add(key)
+            self._grad_only_by[key] = grad_only
+            self.grad_only = all(self._grad_only_by.values())
             if sample is not None:
                 k, with_input = sample
                 self._wants[k] = self._wants.get(k, False) or with_input
@@ -244,7 +254,9 @@ class BatchNormRecorder:
         A validation run may come before the next step; the stashes stay until the next step begins.
         """
         self._armed_by.discard(key)
+        self._grad_only_by.pop(key, None)
         self.armed = bool(self._armed_by)
+        self.grad_only = all(self._grad_only_by.values())
 
     # ------------------------------------------------------------------ hooks
 
@@ -255,8 +267,11 @@ class BatchNormRecorder:
             z = self._zeros[key] = torch.zeros(layer.num_features, dtype=ref.dtype, device=ref.device)
         return z
 
+    def _skips(self) -> bool:
+        return not self.armed or (self.grad_only and not torch.is_grad_enabled())
+
     def _pre(self, layer: _BatchNorm, args: tuple) -> None:
-        if not self.armed:
+        if self._skips():
             return
         rm, rv, w, b = layer.running_mean, layer.running_var, layer.weight, layer.bias
         tracked = bool(layer.track_running_stats) and rm is not None and rv is not None
@@ -272,7 +287,7 @@ class BatchNormRecorder:
         self._pending[layer] = _Entry(snap, tracked, w is not None, b is not None, factor)
 
     def _post(self, layer: _BatchNorm, args: tuple, output: Any) -> None:
-        if not self.armed or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        if self._skips() or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return
         x = args[0]
         entry = self._pending.pop(layer, None)

@@ -1,4 +1,4 @@
-"""Reducing the callbacks' ``(layers, columns)`` values across ranks: one ``all_gather``, NaN entries ignored.
+"""Reducing the recorders' ``(layers, columns)`` values across ranks: one ``all_gather``, NaN entries ignored.
 
 Provides :func:`reduce_across_ranks` and :data:`REDUCTIONS`. A rank that did not run a layer in a step sends NaN in
 its row; every rank sends the same shape, so the collective never mismatches.
