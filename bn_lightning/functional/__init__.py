@@ -27,6 +27,11 @@ What this package provides:
 - :func:`batch_norm` / :func:`batch_norm_with_stats`: the full forward of a BN layer, differentiable through a
   :class:`torch.autograd.Function` with a hand-written backward, with an optional :class:`StatsReducer` that
   synchronises statistics (one collective forward, one backward);
+- :func:`batch_norm_composite` (and the backward's :func:`batch_norm_backward_composite`,
+  :func:`normalize_backward_composite`): the same formulas in plain differentiable ops, which double backward
+  (``create_graph=True``), forward-mode AD and ``torch.func`` transforms (``vmap``, ``jvp``, ``grad``) run through;
+  :func:`needs_composite` tells when; :func:`check_batch_norm_args` rejects what ``torch.nn.functional.batch_norm``
+  rejects (non-floating inputs, ``eps <= 0`` in training);
 - :func:`set_kernel` / :func:`get_kernel`: run local training-mode BN through the default ``"eager"`` kernel (ATen
   ops) or the opt-in ``"compiled"`` one (the same formulas fused by ``torch.compile``).
 
@@ -54,9 +59,15 @@ Example::
 """
 
 from bn_lightning.functional.backward import grad_input, grad_reductions
-from bn_lightning.functional.batchnorm import batch_norm, batch_norm_with_stats
+from bn_lightning.functional.batchnorm import batch_norm, batch_norm_with_stats, check_batch_norm_args
 from bn_lightning.functional.channels import compute_dtype, reduce_dims
 from bn_lightning.functional.compiled import get_kernel, set_kernel
+from bn_lightning.functional.composite import (
+    batch_norm_backward_composite,
+    batch_norm_composite,
+    needs_composite,
+    normalize_backward_composite,
+)
 from bn_lightning.functional.running_stats import normalize, update_running_stats
 from bn_lightning.functional.stats import (
     BatchStats,
@@ -72,15 +83,20 @@ __all__ = [
     "Renorm",
     "StatsReducer",
     "batch_norm",
+    "batch_norm_backward_composite",
+    "batch_norm_composite",
     "batch_norm_with_stats",
     "batch_stats",
+    "check_batch_norm_args",
     "compute_dtype",
     "get_kernel",
     "grad_input",
     "grad_reductions",
     "merge_finite_stats",
     "merge_stats",
+    "needs_composite",
     "normalize",
+    "normalize_backward_composite",
     "reduce_dims",
     "set_kernel",
     "update_running_stats",

@@ -2,18 +2,22 @@
 
 Training-mode BN runs through an autograd Function with a hand-written backward (optionally synchronised by a
 :class:`~bn_lightning.functional.StatsReducer`, optionally with the Batch Renorm correction); eval mode through
-:func:`~bn_lightning.functional.normalize`.
+:func:`~bn_lightning.functional.normalize`. Forward-mode AD and ``torch.func`` transforms take the composite path
+(:mod:`~bn_lightning.functional.composite`), and so does the backward when a graph of it is asked for
+(``create_graph=True``) or when its incoming gradient is batched (``vmap``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from bn_lightning.functional.backward import _finish_grad_input, _grad_reductions, _scaled_grad, grad_input
-from bn_lightning.functional.channels import _affine, _scale_shift
+from bn_lightning.functional.channels import _affine, _channel_view, _scale_shift
 from bn_lightning.functional.compiled import _compiled_train, _use_compiled
+from bn_lightning.functional.composite import batch_norm_backward_composite, batch_norm_composite, needs_composite
 from bn_lightning.functional.running_stats import normalize, update_running_stats
 from bn_lightning.functional.stats import BatchStats, Count, Renorm, StatsReducer, _add_parts
 from bn_lightning.functional.stats_kernels import _centered_stats
@@ -47,8 +51,13 @@ class _BatchNormTrainFn(torch.autograd.Function):
             weight_eff = gamma * r
             bias_eff = gamma * d if bias is None else bias.to(r.dtype) + gamma * d
         scale, shift = _scale_shift(invstd, weight_eff, bias_eff, offset)
+        if x.numel() == 0:  # an empty scratch buffer is laid out contiguously: y must keep x's memory format
+            scratch = None
         y = _affine(centered, scale, shift, x.dtype, out=scratch)
-        ctx.save_for_backward(centered, invstd, weight, weight_eff, offset, r, d)
+        # x, not the centred input: the backward recomputes x - center (bit for bit the forward's), and a graph of
+        # the backward (create_graph=True) differentiates through x; one activation-sized tensor either way
+        ctx.save_for_backward(x, invstd, weight, weight_eff, offset, r, d, center)
+        ctx.eps = eps
         ctx.count = count
         ctx.reducer = reducer
         ctx.in_dtype = x.dtype
@@ -58,38 +67,105 @@ class _BatchNormTrainFn(torch.autograd.Function):
         return y, mean, var, count
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
-        centered, invstd, weight, weight_eff, offset, r, d = ctx.saved_tensors
+        x, invstd, weight, weight_eff, offset, r, d, center = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_out is None:  # not materialised: the output took no part in what was differentiated
-            grad_out = torch.zeros_like(centered, dtype=ctx.in_dtype)
-        sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
-        # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
-        grad_w = None
-        if need_w and weight is not None:
-            grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
-        grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
-        if ctx.reducer is None:
-            args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch)
-            grad_x = grad_input(grad_out, centered, invstd, weight_eff, *args) if need_x else None
-            return grad_x, grad_w, grad_b, None, None, None
-        # every rank joins the backward collective, also when it needs no input gradient; where the reducer can
-        # run it asynchronously, dy * gamma * invstd (which needs no global sum) is computed while it is in flight
-        start = getattr(ctx.reducer, "start_reduce_grads", None)
-        finish = None
-        if start is None:
-            sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
-        else:
-            finish = start(sum_dy, sum_dy_xhat)
-        partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
-        if finish is not None:
-            sum_dy, sum_dy_xhat = finish()
-        grad_x = None
-        if partial is not None:
-            args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype)
-            grad_x = _finish_grad_input(partial, centered, invstd, weight_eff, *args)
+            grad_out = torch.zeros_like(x)
+        if torch.is_grad_enabled() or needs_composite(grad_out):
+            return _composite_backward(ctx, grad_out, x, weight, r, d)
+        centered = x if center is None else x - _channel_view(center, x)
+        with torch.no_grad():
+            return _eager_backward(ctx, grad_out, centered, invstd, weight, weight_eff, offset, r, d)
+
+
+def _composite_backward(
+    ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor | None, r: Tensor | None, d: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The backward as differentiable ops of ``x``: for double backward and for batched (``vmap``) gradients."""
+    if ctx.reducer is not None:
+        raise NotImplementedError(
+            "SyncBatchNorm: double backward (create_graph=True) and vmap over the backward are not supported while "
+            "statistics are synchronised across processes; they work for local BN (also a SyncBatchNorm without a "
+            "process group)"
+        )
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, grad_w, grad_b = batch_norm_backward_composite(grad_out, x, weight, ctx.eps, r, d)
+    grad_x = dx.to(ctx.in_dtype) if need_x else None
+    grad_w = grad_w.to(weight.dtype) if need_w and weight is not None else None
+    grad_b = grad_b.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+def _eager_backward(
+    ctx: Any,
+    grad_out: Tensor,
+    centered: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    weight_eff: Tensor | None,
+    offset: Tensor | None,
+    r: Tensor | None,
+    d: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """The hand-written backward: the closed form on the saved centred input, buffers reused (one reverse pass)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    sum_dy, sum_dy_xhat, scratch = _grad_reductions(grad_out, centered, invstd, offset)
+    # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
+    grad_w = None
+    if need_w and weight is not None:
+        grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
+    grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+    if ctx.reducer is None:
+        args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch)
+        grad_x = grad_input(grad_out, centered, invstd, weight_eff, *args) if need_x else None
         return grad_x, grad_w, grad_b, None, None, None
+    # every rank joins the backward collective, also when it needs no input gradient; where the reducer can
+    # run it asynchronously, dy * gamma * invstd (which needs no global sum) is computed while it is in flight
+    start = getattr(ctx.reducer, "start_reduce_grads", None)
+    finish = None
+    if start is None:
+        sum_dy, sum_dy_xhat = ctx.reducer.reduce_grads(sum_dy, sum_dy_xhat)
+    else:
+        finish = start(sum_dy, sum_dy_xhat)
+    partial = _scaled_grad(grad_out, centered, invstd, weight_eff, scratch) if need_x else None
+    if finish is not None:
+        sum_dy, sum_dy_xhat = finish()
+    grad_x = None
+    if partial is not None:
+        args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype)
+        grad_x = _finish_grad_input(partial, centered, invstd, weight_eff, *args)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+def check_batch_norm_args(x: Tensor, eps: float, batch_stats: bool) -> None:
+    """Reject what ``torch.nn.functional.batch_norm`` rejects, before any buffer is touched.
+
+    Args:
+        x: the input; must be floating point.
+        eps: must be positive when normalising with batch statistics, non-negative otherwise.
+        batch_stats: whether batch statistics normalise (training, or no running statistics).
+
+    Raises:
+        TypeError: ``x`` is not floating point.
+        ValueError: ``eps`` out of range.
+
+    Example::
+
+        >>> check_batch_norm_args(torch.randn(2, 3), 0.0, batch_stats=False)
+        >>> check_batch_norm_args(torch.randn(2, 3), 0.0, batch_stats=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_norm eps must be positive during training, but got 0.0
+    """
+    if not x.is_floating_point():
+        raise TypeError(
+            f"batch_norm expects a floating-point input (float16, bfloat16, float32, float64), got {x.dtype}"
+        )
+    if batch_stats and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def batch_norm_with_stats(
@@ -132,12 +208,21 @@ def batch_norm_with_stats(
         the reducer's group), or ``None`` when the running statistics were used.
 
     Raises:
-        ValueError: training on a batch with a single value per channel (its variance is undefined).
+        TypeError: ``x`` is not a floating-point tensor (checked before any buffer is touched).
+        ValueError: training on a batch with a single value per channel (its variance is undefined); ``eps <= 0``
+            with batch statistics or ``eps < 0`` with running statistics (the messages of
+            ``torch.nn.functional.batch_norm``).
     """
-    if not training and running_mean is not None and running_var is not None:
-        return normalize(x, running_mean, running_var, weight, bias, eps), None
+    use_running = not training and running_mean is not None and running_var is not None
+    check_batch_norm_args(x, eps, not use_running)
+    if use_running:
+        return normalize(x, running_mean, running_var, weight, bias, eps), None  # type: ignore[arg-type]
     if reducer is None and x.dim() >= 2 and x.numel() == x.shape[1] and x.shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    if torch.compiler.is_compiling() or needs_composite(x, weight, bias):  # torch.compile, forward AD, torch.func
+        return batch_norm_composite(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, reducer, renorm
+        )
     compiled = _compiled_train(x, weight, bias, eps) if _use_compiled(x, reducer, renorm) else None
     if compiled is not None:
         y, mean, var = compiled

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from bn_lightning.functional.channels import _affine, _channel_view, _scale_shift, compute_dtype, reduce_dims
 from bn_lightning.functional.compiled import _compiled_affine
+from bn_lightning.functional.composite import batch_norm_composite, needs_composite, normalize_backward_composite
 from bn_lightning.functional.stats import BatchStats, _host_count
 
 
@@ -97,6 +99,8 @@ def normalize(
         >>> torch.allclose(normalize(x, torch.zeros(3), torch.ones(3), eps=0.0), x)
         True
     """
+    if needs_composite(x, weight, bias):  # forward-mode AD, torch.func transforms
+        return batch_norm_composite(x, mean, var, weight, bias, False, None, eps)[0]
     return _BatchNormEvalFn.apply(x, mean, var, weight, bias, eps)
 
 
@@ -116,17 +120,35 @@ class _BatchNormEvalFn(torch.autograd.Function):
         return _affine(x, scale, shift, x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, mean, invstd, weight = ctx.saved_tensors
         need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-        dims = reduce_dims(grad_out)
-        scale, _ = _scale_shift(invstd, weight, None, None)
-        grad_x = _affine(grad_out, scale, None, grad_out.dtype) if need_x else None
-        grad_w = grad_b = None
-        if need_w:
-            centered = x - _channel_view(mean.to(invstd.dtype), x)
-            grad_w = ((grad_out * centered).sum(dims) * invstd).to(weight.dtype)
-        if need_b:
-            grad_b = grad_out.sum(dims, dtype=invstd.dtype).to(weight.dtype if weight is not None else grad_out.dtype)
-        return grad_x, None, None, grad_w, grad_b, None
+        if torch.is_grad_enabled() or needs_composite(grad_out):  # double backward; vmap over the backward
+            dx, dw, db = normalize_backward_composite(grad_out, x, mean, invstd, weight)
+            return (
+                dx.to(grad_out.dtype) if need_x else None,
+                None,
+                None,
+                dw.to(weight.dtype) if need_w else None,
+                db.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None,
+                None,
+            )
+        with torch.no_grad():
+            return _eval_backward(ctx, grad_out, x, mean, invstd, weight)
+
+
+def _eval_backward(
+    ctx: Any, grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The hand-written eval backward: ``dx = dy * scale``, the two per-channel sums for gamma and beta."""
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+    dims = reduce_dims(grad_out)
+    scale, _ = _scale_shift(invstd, weight, None, None)
+    grad_x = _affine(grad_out, scale, None, grad_out.dtype) if need_x else None
+    grad_w = grad_b = None
+    if need_w:
+        centered = x - _channel_view(mean.to(invstd.dtype), x)
+        grad_w = ((grad_out * centered).sum(dims) * invstd).to(weight.dtype)
+    if need_b:
+        grad_b = grad_out.sum(dims, dtype=invstd.dtype).to(weight.dtype if weight is not None else grad_out.dtype)
+    return grad_x, None, None, grad_w, grad_b, None

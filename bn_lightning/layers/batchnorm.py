@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.functional import BatchStats, Renorm, StatsReducer, batch_norm_with_stats
+from bn_lightning.functional import BatchStats, Renorm, StatsReducer, batch_norm_with_stats, needs_composite
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd", "ScratchBatchNormMixin", "has_batch_stats"]
 
@@ -103,8 +103,23 @@ class ScratchBatchNormMixin:
             reducer,
             self._renorm() if bn_training and self.training else None,
         )
-        self.last_batch_stats = stats
+        # statistics computed inside a torch.func transform are wrapped tensors that must not outlive it
+        self.last_batch_stats = None if stats is not None and needs_composite(stats.mean) else stats
         return y
+
+    def __prepare_scriptable__(self) -> None:
+        """``torch.jit.script`` is not supported: say so, and name ``torch.compile``, the way that is.
+
+        The layer's Python kernels (autograd Functions, float64-combined partial sums) are beyond TorchScript, which
+        torch keeps in maintenance mode. ``torch.compile`` and ``torch.jit.trace`` work.
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError(
+            f"{self._get_name()} (bn_lightning) cannot be compiled by torch.jit.script: use torch.compile(model) or "  # type: ignore[attr-defined]
+            "torch.jit.trace; or swap in torch.nn's BatchNorm where TorchScript is required"
+        )
 
 
 class BatchNorm1d(ScratchBatchNormMixin, nn.BatchNorm1d):
