@@ -2,7 +2,9 @@
 
 The compiled kernel runs the eager formulas (two-pass statistics with the exact offset, the closed-form backward,
 the eval transform) through ``torch.compile``, which fuses each into a few loops over the data. It is built on first
-use; if compiling fails, a warning is given once and the eager kernel runs from then on.
+use; if compiling fails, a warning is given once and the eager kernel runs from then on. Inside a model that
+``torch.compile`` traces, neither kernel runs: the layers take the composite path
+(:mod:`~bn_lightning.functional.composite`), which the model's own graph compiles and fuses.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bn_lightning.functional.channels import reduce_dims
+from bn_lightning.functional.channels import _is_compiling, reduce_dims
 from bn_lightning.functional.stats import Renorm, StatsReducer
 
 KERNELS = ("eager", "compiled")
@@ -145,6 +147,7 @@ def _use_compiled(x: Tensor, reducer: StatsReducer | None, renorm: Renorm | None
     return (
         get_kernel() == "compiled"
         and not _compiled_broken
+        and not _is_compiling()  # inside a compiled model the whole graph is compiled: no kernel of its own
         and reducer is None
         and renorm is None
         and x.dtype in (torch.float32, torch.float64)
@@ -176,7 +179,7 @@ def _compiled_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
 
     ``None`` when the eager kernel runs instead (not chosen, or compiling failed).
     """
-    if get_kernel() != "compiled" or _compiled_broken:
+    if get_kernel() != "compiled" or _compiled_broken or _is_compiling():
         return None
     return _run_compiled(2, x, scale, shift)
 

@@ -5,20 +5,34 @@ Provides :class:`BatchRenorm1d` and :class:`BatchRenorm2d`. In training, ``y = (
 constants in backward (:class:`bn_lightning.functional.Renorm`). ``r_max`` ramps linearly from 1 and ``d_max`` from 0
 over ``warmup_steps`` training steps (counted by ``num_batches_tracked``); eval uses the running statistics. With
 ``sync=True`` the batch statistics (and so r and d) are synchronised over a process group exactly as in
-:class:`bn_lightning.SyncBatchNorm`.
+:class:`bn_lightning.SyncBatchNorm`. Under ``torch.compile`` the layer compiles into the graph (``sync=True`` in a
+process group: one graph break, as SyncBatchNorm).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_lightning.functional import Renorm, StatsReducer
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
-from bn_lightning.layers.sync import group_reducer
+from bn_lightning.layers.sync import compiled_sync, group_reducer, synchronised_forward
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenormMixin"]
+
+
+@torch.library.custom_op("bn_lightning::buffer_snapshot", mutates_args=())
+def _snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` as an opaque op: a compiled graph's backward reads the saved copy, never recomputes it."""
+    return t.clone()
+
+
+@_snapshot.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
 
 
 class BatchRenormMixin(ScratchBatchNormMixin):
@@ -67,7 +81,19 @@ class BatchRenormMixin(ScratchBatchNormMixin):
 
     def _renorm(self) -> Renorm | None:
         r_max, d_max = self.current_bounds()
-        return Renorm(self.running_mean, self.running_var, r_max, d_max)  # type: ignore[attr-defined]
+        running_mean, running_var = self.running_mean, self.running_var  # type: ignore[attr-defined]
+        if torch.compiler.is_compiling():
+            # r and d are functions of the buffers BEFORE this step's update. AOTAutograd's partitioners (torch 2.13)
+            # recompute cheap ops in the backward from the graph inputs, i.e. from the buffers the forward has
+            # updated in place by then (input gradients off by 4e-2 when the clamps act); an opaque copy is saved
+            running_mean, running_var = _snapshot(running_mean), _snapshot(running_var)
+        return Renorm(running_mean, running_var, r_max, d_max)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Batch Renorm in training (synchronised if ``sync``), running statistics in eval."""
+        if self.sync and compiled_sync(self):
+            return synchronised_forward(self, input)
+        return super().forward(input)
 
     def _stats_reducer(self) -> StatsReducer | None:
         return group_reducer(self, self.process_group) if self.sync else None

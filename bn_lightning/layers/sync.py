@@ -1,7 +1,8 @@
 """SyncBatchNorm for every device and backend: CPU tensors over gloo, CUDA tensors over nccl.
 
 Provides :class:`SyncBatchNorm` (a drop-in for :class:`torch.nn.SyncBatchNorm`, same constructor and ``state_dict``)
-and :class:`ProcessGroupReducer`, the :class:`~bn_lightning.functional.StatsReducer` it plugs into the functional core.
+and :class:`ProcessGroupReducer`, the :class:`~bn_lightning.functional.StatsReducer` it plugs into the functional core;
+:func:`synchronised_forward`, how a synchronising layer runs inside ``torch.compile`` (eagerly: a graph break).
 Per layer and training step there is exactly one collective in forward (an all-gather of every rank's per-channel
 mean, variance and count, merged exactly with :func:`~bn_lightning.functional.merge_stats`) and one in backward (an
 all-reduce of the two per-channel gradient sums). Ours is deliberately NOT a subclass of ``torch.nn.SyncBatchNorm``:
@@ -26,7 +27,14 @@ from bn_lightning import distributed
 from bn_lightning.functional import BatchStats, StatsReducer, merge_finite_stats
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
 
-__all__ = ["NORM_HAS_BIAS_FLAG", "ProcessGroupReducer", "SyncBatchNorm", "group_reducer"]
+__all__ = [
+    "NORM_HAS_BIAS_FLAG",
+    "ProcessGroupReducer",
+    "SyncBatchNorm",
+    "compiled_sync",
+    "group_reducer",
+    "synchronised_forward",
+]
 
 # torch >= 2.13 has BatchNorm(..., bias=False): gamma without beta
 NORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_NormBase.__init__).parameters
@@ -82,6 +90,26 @@ class ProcessGroupReducer:
         return finish
 
 
+@torch.compiler.disable(reason="bn_lightning: a synchronising BN layer runs its collectives eagerly")
+def synchronised_forward(layer: ScratchBatchNormMixin, input: Tensor) -> Tensor:
+    """``layer``'s forward, run eagerly: the graph break a synchronising layer takes inside ``torch.compile``.
+
+    The forward collective, and the backward one its autograd Function runs, go through
+    :mod:`bn_lightning.distributed` (``torch.distributed``'s in-place collectives, which Dynamo does not trace), so
+    a compiled model runs each synchronising layer's training step outside the graph: one graph break per layer,
+    the code before and after it compiled. Outputs, gradients and running statistics are the eager ones.
+    """
+    return ScratchBatchNormMixin.forward(layer, input)
+
+
+def compiled_sync(layer: ScratchBatchNormMixin) -> bool:
+    """Whether ``torch.compile`` is tracing a training forward of ``layer`` while a process group is initialised.
+
+    Then the layer may synchronise, and takes :func:`synchronised_forward`.
+    """
+    return torch.compiler.is_compiling() and layer.training and distributed.is_distributed()
+
+
 def group_reducer(layer: ScratchBatchNormMixin, process_group: Any) -> StatsReducer | None:
     """The reducer that synchronises ``layer``'s training statistics over ``process_group``, or ``None``.
 
@@ -106,6 +134,9 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
     No communication happens in eval mode (running statistics, or the local batch when
     ``track_running_stats=False``), in a group of one, or when no process group is initialised: then the layer is
     plain local BN, so the same model runs unchanged in a single process.
+
+    Under ``torch.compile``, a training forward that synchronises runs eagerly outside the graph (one graph break per
+    layer, :func:`synchronised_forward`); eval mode and a model without a process group compile into the graph.
 
     Cost: each collective waits for the slowest rank, then pays the backend's latency, twice per layer and step
     (``scripts/bench_sync.py``, 2 CPU ranks, ResNet-20 with 21 layers, batch 32: ~14 ms per step over local BN, against
@@ -169,6 +200,12 @@ class SyncBatchNorm(ScratchBatchNormMixin, _BatchNorm):
             raise ValueError(f"bias=False needs torch >= 2.13 (installed: {torch.__version__})")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kwargs)
         self.process_group = process_group
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalise with the group's statistics (training) or the running statistics (eval)."""
+        if compiled_sync(self):
+            return synchronised_forward(self, input)
+        return super().forward(input)
 
     def _stats_reducer(self) -> StatsReducer | None:
         return group_reducer(self, self.process_group)
