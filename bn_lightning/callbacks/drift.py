@@ -25,19 +25,10 @@ class RunningStatDrift(BatchNormCallbackBase):
     """Measure the drift between batch and running statistics per BN layer, and check BN health.
 
     Every ``log_every_n_steps`` training batches, per BN layer ``<layer>`` with running statistics:
-
-    - ``bn/<layer>/drift_kl``: mean over channels of ``KL( N(mu_B, var_B + eps) || N(mu_R, var_R + eps) )``, batch
-      statistics ``B`` of this step against the running statistics ``R`` as they were BEFORE this batch updated them
-      (what eval would have used); ``drift_kl_max``: its maximum over channels;
-    - ``rm_velocity``, ``rv_velocity``: relative change ``||R_now - R_prev|| / ||R_prev||`` of running_mean and
-      running_var since the previous record;
-    - ``batch_size``: the smallest per-device batch (input dim 0) across ranks;
-    - ``collapsed_frac``: fraction of channels with batch variance <= ``collapse_var``;
-    - ``nonfinite_running``: number of NaN/inf entries in the running statistics;
-    - ``nonfinite_batch``: number of channels whose batch statistics are NaN/inf (the input to the layer held them);
-    - under DDP: ``rank_disagreement``: max over channels and ranks of ``|R_rank - mean_ranks(R)| / std``, with
-      ``std = sqrt(mean_ranks(running_var) + eps)``: without SyncBatchNorm each rank ends with its own running
-      statistics, the silent cause of rank-dependent evaluation.
+    ``bn/<layer>/drift_kl`` (KL of the batch statistics against the running statistics as they were before the batch),
+    ``drift_kl_max``, ``rm_velocity``, ``rv_velocity``, ``batch_size``, ``collapsed_frac``, ``nonfinite_running``,
+    ``nonfinite_batch`` and, under DDP, ``rank_disagreement``: each is defined in
+    :class:`~bn_lightning.monitoring.DriftStats`, the statistic set this callback records.
 
     Health checks (:class:`~bn_lightning.health.HealthChecks`), with messages naming the layer and the
     step, what was seen and what to do: ``nonfinite`` (non-finite batch or running statistics), ``small_batch``

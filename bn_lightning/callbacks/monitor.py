@@ -28,16 +28,10 @@ class BatchNormMonitor(BatchNormCallbackBase):
     stay on the device, and one host copy per logging step carries every layer's numbers. Under DDP the values are
     reduced across ranks with one collective and logged on rank zero only.
 
-    Logged per layer (``bn/<layer>/<stat>``), input statistics being per channel over the batch:
-
-    - ``batch_mean``: mean over channels of the channel means of the layer's INPUT;
-    - ``batch_std``: mean over channels of the channel (biased) standard deviations;
-    - ``max_abs_mean``, ``min_std``, ``max_std``: extremes over channels;
-    - ``collapsed_frac``: fraction of channels whose batch variance is <= ``collapse_var`` (dead channels);
-    - ``nonfinite_channels``: channels whose batch statistics are NaN/inf (the input held a non-finite value);
-    - ``out_std``, ``out_nonpos_frac``: std of the OUTPUT and the fraction of outputs <= 0 (what a following ReLU
-      zeroes), from a bounded sample of ``sample_size`` elements;
-    - ``gamma_abs_min``, ``gamma_near_zero``, ``beta_mean``: affine parameters (not logged without ``affine``).
+    Logged per layer (``bn/<layer>/<stat>``): ``batch_mean``, ``batch_std``, ``max_abs_mean``, ``min_std``,
+    ``max_std``, ``collapsed_frac``, ``nonfinite_channels``, ``out_std``, ``out_nonpos_frac``, ``gamma_abs_min``,
+    ``gamma_near_zero``, ``beta_mean``: each is defined in :class:`~bn_lightning.monitoring.MonitorStats`, the
+    statistic set this callback records.
 
     With ``histogram=True``, a ``bins``-bin histogram of ``x_hat = (x - mean) / sqrt(var + eps)`` on
     ``[-hist_range, hist_range]`` (values beyond go to the end bins), from the same bounded sample, goes to
