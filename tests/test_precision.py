@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 import bn_lightning as bl
-from bn_lightning.callbacks import BatchNormGap, BatchNormMonitor, PreciseBN, RunningStatDrift
+from bn_lightning.callbacks import (
+    AccumulateBatchNormStats,
+    BatchNormFreeze,
+    BatchNormGap,
+    BatchNormGuard,
+    BatchNormMonitor,
+    PreciseBN,
+    RunningStatDrift,
+    SyncBatchNormBuffers,
+)
 from tests.helpers.runif import run_if
 from tests.helpers.tiny import TinyBNNet, quiet_trainer
 
@@ -158,3 +167,30 @@ def test_trainer_16_mixed_cuda_matches_torch():
         if a.is_floating_point():
             assert a.dtype == torch.float32, name
             _assert_close_in(torch.float16, a.cpu(), b.cpu())
+
+
+def test_trainer_bf16_mixed_with_the_statistics_callbacks_matches_torch():
+    """Guard, accumulation, freeze and rank sync under bf16 autocast: float32 buffers equal to torch's layers'."""
+
+    def fit(bn2d: type[nn.Module], bn1d: type[nn.Module]) -> _Classifier:
+        model = _Classifier(bn2d, bn1d, lr=0.0)
+        callbacks = [
+            BatchNormGuard(),
+            AccumulateBatchNormStats(),
+            BatchNormFreeze(freeze_at_step=1),
+            SyncBatchNormBuffers(),
+        ]
+        trainer = quiet_trainer(
+            max_epochs=2, precision="bf16-mixed", callbacks=callbacks, limit_val_batches=1, accumulate_grad_batches=2
+        )
+        trainer.fit(model, _loader(), _loader())
+        return model
+
+    ours, ref = fit(bl.BatchNorm2d, bl.BatchNorm1d), fit(nn.BatchNorm2d, nn.BatchNorm1d)
+    assert ours.out_dtypes == ref.out_dtypes == {torch.bfloat16}
+    for (name, a), (_, b) in zip(ours.net.named_buffers(), ref.net.named_buffers(), strict=True):
+        if a.is_floating_point():
+            assert a.dtype == torch.float32, name
+            _assert_close_in(torch.bfloat16, a, b)
+        else:
+            assert torch.equal(a, b) and int(a) == 1, name  # one accumulated update (2 micro-batches), then frozen
