@@ -81,26 +81,69 @@ def _scale_shift(
     return scale, shift
 
 
+_PLANE_VALUES = 1 << 13  # values in the shift plane of :func:`_affine`: 32 KB in float32, resident in L1/L2
+_MIN_PLANE_ROW = 16  # shortest rows the plane may cut a channel's values into (shorter: vector loops too short)
+
+
+def _plane_row(x: Tensor) -> int:
+    """Length ``k`` of the rows :func:`_affine` cuts each ``(n, c)`` slice of an NCHW-contiguous ``x`` into (0: none).
+
+    ``k`` divides the slice length ``L = prod(*)``, keeps the ``(C, k)`` shift plane within :data:`_PLANE_VALUES`
+    (or ``L`` itself when that is short) and leaves the plane read at least four times per call.
+    """
+    n, c = x.shape[0], x.shape[1]
+    length = x.numel() // (n * c) if n * c else 0
+    if x.dim() < 3 or length == 0 or not x.is_contiguous():
+        return 0
+    cap = max(_MIN_PLANE_ROW, _PLANE_VALUES // c)
+    k = length if length <= cap else next((d for d in range(cap, _MIN_PLANE_ROW - 1, -1) if length % d == 0), 0)
+    return k if k and x.numel() >= 4 * c * k else 0
+
+
 def _affine(
     x: Tensor, scale: Tensor, shift: Tensor | None, out_dtype: torch.dtype, out: Tensor | None = None
 ) -> Tensor:
     """``x * scale + shift`` (per channel), returned in ``out_dtype``; written into ``out`` (a free buffer) if given.
 
-    A multiply then an in-place add: ATen's vectorised CPU loop takes at most one broadcast operand, so the ternary
-    ``torch.addcmul(shift, x, scale)`` runs scalar code and is slower than both passes together. Reusing a dead
-    activation-sized buffer avoids first-touch page faults on a fresh allocation.
+    One pass over ``x`` (``torch.addcmul``) wherever ATen's vectorised CPU loop can run it. That loop takes at most
+    one operand that is constant along the innermost dimension: in a channels-last (or ``(N, C)``) input the
+    channels are innermost and the per-channel vectors are ordinary operands; in an NCHW-contiguous one both would
+    be constant along the rows, so the shift becomes a small ``(C, k)`` plane (each channel's value repeated ``k``
+    times, :func:`_plane_row`) that every ``k``-long row of ``x`` reads from cache. Elsewhere (a mixed dtype, a
+    slice too short or too long to cut) a multiply then an in-place add, block by block along the batch so that the
+    add finds each block in cache. Reusing a dead activation-sized buffer avoids first-touch page faults on a fresh
+    allocation.
     """
     if out is not None and (out.dtype != x.dtype or out.shape != x.shape):
         out = None
     scale_v = _channel_view(scale, x)
-    shift_v = None if shift is None else _channel_view(shift, x)
-    step = _block_size(x) if x.dtype == scale.dtype and shift_v is not None else x.shape[0]
+    if shift is None:
+        y = x * scale_v if out is None else torch.mul(x, scale_v, out=out)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+    shift_v = _channel_view(shift, x)
+    if x.dtype == scale.dtype == shift.dtype:
+        if x.device.type != "cpu" or x.dim() == 2 or _channels_innermost(x):
+            y = torch.addcmul(shift_v, x, scale_v) if out is None else torch.addcmul(shift_v, x, scale_v, out=out)
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+        k = _plane_row(x)
+        if k:
+            n, c = x.shape[0], x.shape[1]
+            rows = (n, c, x.numel() // (n * c * k), k)
+            plane = shift.view(c, 1).expand(c, k).contiguous().view(1, c, 1, k)
+            y = torch.empty_like(x) if out is None else out
+            torch.addcmul(plane, x.view(rows), scale.view(1, c, 1, 1), out=y.view(rows))
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+    step = _block_size(x) if x.dtype == scale.dtype else x.shape[0]
     if step < x.shape[0]:  # multiply and add block by block: the add finds the block in cache
         y = torch.empty_like(x) if out is None else out
         for x_block, y_block in _split(step, x, y):
             torch.mul(x_block, scale_v, out=y_block).add_(shift_v)
     else:
         y = x * scale_v if out is None else torch.mul(x, scale_v, out=out)
-        if shift_v is not None:
-            y.add_(shift_v)
+        y.add_(shift_v)
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether ``x`` (``(N, C, *)``) is laid out channels-last: its ``(N * prod(*), C)`` matrix is row-major."""
+    return x.dim() > 2 and x.stride(1) == 1 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()

@@ -101,7 +101,23 @@ def normalize(
     """
     if needs_composite(x, weight, bias):  # forward-mode AD, torch.func transforms
         return batch_norm_composite(x, mean, var, weight, bias, False, None, eps)[0]
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _eval_forward(x, mean, var, weight, bias, eps)[0]  # inference: no graph, nothing saved
     return _BatchNormEvalFn.apply(x, mean, var, weight, bias, eps)
+
+
+def _eval_forward(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(y, invstd)``: the inference transform ``x * scale + shift``, ``scale`` and ``shift`` folded per channel."""
+    dtype = compute_dtype(x.dtype)
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    scale, shift = _scale_shift(invstd, weight, bias, mean.to(dtype))
+    if x.dtype == dtype and shift is not None:
+        y = _compiled_affine(x, scale, shift)  # None unless the compiled kernel is chosen and available
+        if y is not None:
+            return y, invstd
+    return _affine(x, scale, shift, x.dtype), invstd
 
 
 class _BatchNormEvalFn(torch.autograd.Function):
@@ -109,15 +125,9 @@ class _BatchNormEvalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps):  # type: ignore[override]
-        dtype = compute_dtype(x.dtype)
-        invstd = torch.rsqrt(var.to(dtype) + eps)
-        scale, shift = _scale_shift(invstd, weight, bias, mean.to(dtype))
+        y, invstd = _eval_forward(x, mean, var, weight, bias, eps)
         ctx.save_for_backward(x, mean, invstd, weight)
-        if x.dtype == dtype and shift is not None:
-            y = _compiled_affine(x, scale, shift)  # None unless the compiled kernel is chosen and available
-            if y is not None:
-                return y
-        return _affine(x, scale, shift, x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
