@@ -12,7 +12,7 @@ from torch import Tensor
 
 from bn_lightning.functional.channels import _block_size, _channel_view, _split
 from bn_lightning.functional.stats import Count, _host_count
-from bn_lightning.functional.stats_kernels import _channel_sum
+from bn_lightning.functional.stats_kernels import _channel_sum, _channels_last_block_rows
 
 
 def grad_reductions(
@@ -42,8 +42,9 @@ def _grad_reductions(
     """:func:`grad_reductions`, plus the dead ``dy * centered`` buffer (free for the input gradient) or ``None``.
 
     NCHW-contiguous CPU tensors go block by block (:func:`~bn_lightning.functional.channels._block_size`): per block
-    the row sums of ``dy``, the product
-    into a block-sized buffer and its row sums, so the product never travels to memory and ``dy`` is read once.
+    the row sums of ``dy``, the product into a block-sized buffer and its row sums, so the product never travels to
+    memory and ``dy`` is read once. Channels-last CPU tensors likewise, with column sums
+    (:func:`_grad_sums_channels_last`).
     """
     dy = grad_out.to(centered.dtype)
     dense = dy.is_contiguous() and centered.is_contiguous() and centered.dim() > 2
@@ -69,6 +70,9 @@ def _grad_reductions(
         f64 = torch.float64  # row partials combined in float64, as in _channel_sum
         sum_dy = part_dy.view(n, c).sum(0, dtype=f64).to(dy.dtype)
         sum_dy_xc = part_dy_xc.view(n, c).sum(0, dtype=f64).to(dy.dtype)
+    elif centered.device.type == "cpu" and dy.stride() == centered.stride() and _channels_last_block_rows(centered):
+        step = _channels_last_block_rows(centered)
+        sum_dy, sum_dy_xc = _grad_sums_channels_last(dy, centered, offset, step)
     else:
         sum_dy = _channel_sum(dy)
         if offset is None:
@@ -77,6 +81,32 @@ def _grad_reductions(
             product = (centered - _channel_view(offset, centered)).mul_(dy)
         sum_dy_xc = _channel_sum(product)
     return sum_dy, sum_dy_xc * invstd, product
+
+
+def _grad_sums_channels_last(dy: Tensor, centered: Tensor, offset: Tensor | None, step: int) -> tuple[Tensor, Tensor]:
+    """``sum(dy)`` and ``sum(dy * (centered - offset))`` per channel of channels-last tensors, block by block.
+
+    Both are column sums of ``(N * prod(*), C)`` row-major matrices; per block of ``step`` rows: the column sums of
+    ``dy``, the product into a block-sized buffer (``dy`` and ``centered`` read once, the buffer from cache) and its
+    column sums. Block partials are combined in float64 (as in
+    :func:`~bn_lightning.functional.stats_kernels._sums_and_sumsq_channels_last`).
+    """
+    c = centered.shape[1]
+    perm = (0, *range(2, centered.dim()), 1)
+    mat_dy, mat_x = dy.permute(perm).reshape(-1, c), centered.permute(perm).reshape(-1, c)  # views
+    blocks = list(_split(step, mat_dy, mat_x))
+    part_dy, part_dy_xc = dy.new_empty(len(blocks), c), dy.new_empty(len(blocks), c)
+    buf = torch.empty_like(blocks[0][0])
+    for i, (block_dy, block_x) in enumerate(blocks):
+        tmp = buf if block_dy.shape[0] == buf.shape[0] else buf[: block_dy.shape[0]]
+        torch.sum(block_dy, 0, out=part_dy[i])
+        if offset is None:
+            torch.mul(block_dy, block_x, out=tmp)
+        else:
+            torch.sub(block_x, offset, out=tmp).mul_(block_dy)
+        torch.sum(tmp, 0, out=part_dy_xc[i])
+    f64 = torch.float64
+    return part_dy.sum(0, dtype=f64).to(dy.dtype), part_dy_xc.sum(0, dtype=f64).to(dy.dtype)
 
 
 def grad_input(

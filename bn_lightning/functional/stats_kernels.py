@@ -46,7 +46,7 @@ def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 _MAX_ROW = 4096  # longest row a float32 vector_norm reduces alone: its error stays ~4e-7 relative
 _MIN_ROW = 64  # shorter rows: per-row overhead makes square + sum the faster way
 _UNCENTERED_MAX_RATIO = 1.0  # mean^2 / var up to which E[x^2] - mean^2 is accurate enough (see _centered_stats)
-_OFFSET_SKIP_RATIO = 16.0  # mean^2 / var below this: the float64-combined mean needs no offset pass
+_SECOND_PASS_MAX_RATIO = 64.0  # mean^2 / var up to which x itself (not x - mean) feeds the output and the backward
 
 
 def _row_length(t: Tensor) -> int:
@@ -141,6 +141,39 @@ def _sums_and_sumsq_channels_last(x: Tensor, step: int) -> tuple[Tensor, Tensor]
     return sums.sum(0, dtype=f64), sumsq.sum(0, dtype=f64)
 
 
+def _sumsq_about(x: Tensor, center: Tensor, row: int, cl_step: int) -> Tensor:
+    """Per-channel ``sum((x - center)^2)`` in float64, block by block: no activation-sized buffer is written.
+
+    Per block of the batch (NCHW rows of ``row`` values, :func:`_sums_and_sumsq`) or of ``cl_step`` rows of the
+    channels-last ``(N * prod(*), C)`` matrix (:func:`_sums_and_sumsq_channels_last`): the block minus ``center``
+    into a block-sized buffer, then its row-wise ``vector_norm`` (NCHW) or squares and column sums (channels-last),
+    reading the buffer from cache. The exact centred sum of squares, as the centred way computes it, at the cost of
+    one more read of ``x`` instead of a written and re-read ``x - center``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    f64 = torch.float64
+    if row:
+        length = x.numel() // (n * c)
+        step = _block_size(x)
+        norms = x.new_empty(n * c * (length // row))
+        buf = x.new_empty(min(step, n), c, length)
+        center_v = center.view(1, c, 1)
+        for block, block_norms in _split(step, x.view(n, c, length), norms.view(n, -1)):
+            tmp = buf if block.shape[0] == buf.shape[0] else buf[: block.shape[0]]
+            torch.sub(block, center_v, out=tmp)
+            torch.linalg.vector_norm(tmp.view(-1, row), dim=1, out=block_norms.view(-1))
+        return norms.square_().view(n, c, -1).sum((0, 2), dtype=f64)
+    mat = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)
+    blocks = mat.split(cl_step) if cl_step < mat.shape[0] else (mat,)
+    sumsq = x.new_empty(len(blocks), c)
+    buf = torch.empty_like(blocks[0])
+    for i, block in enumerate(blocks):
+        tmp = buf if block.shape[0] == buf.shape[0] else buf[: block.shape[0]]
+        torch.sub(block, center, out=tmp).square_()
+        torch.sum(tmp, 0, out=sumsq[i])
+    return sumsq.sum(0, dtype=f64)
+
+
 def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, int, Tensor, Tensor | None]:
     """Per-channel statistics and a centred input: ``(center, offset, var, count, x - center, scratch)``.
 
@@ -149,7 +182,7 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
     works on ``x - center``: :func:`~bn_lightning.functional.grad_reductions` and
     :func:`~bn_lightning.functional.grad_input` take exactly this pair.
 
-    Two ways, chosen per call:
+    Three ways, chosen per call:
 
     - **centred (exact for any mean)**: ``center`` is the float32 mean; ``x - center`` is written out and the variance
       computed from it (never as ``E[x^2] - E[x]^2``), which keeps float32 exact for inputs whose mean is large
@@ -162,11 +195,15 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
       float64 math, torch's own kernel ~4e-7), and the forward reads ``x`` twice and writes only its output: two
       fewer passes and one fewer activation-sized buffer than the centred way. Deciding reads one host
       value, free on CPU; accelerators always take the centred way (no synchronisation).
+    - **second pass (same CPU inputs, every channel with mean^2 <= 64 var)**: as uncentred, except that the variance
+      is the centred sum of squares from a second blocked read of ``x`` (:func:`_sumsq_about`), exact for any mean;
+      ``x - center`` is never written. The output ``x * scale + shift`` and the backward's ``x - mean`` then lose at
+      most ``|mean| / std * 6e-8 <= 5e-7`` standard deviations to rounding, as the centred way does.
 
     ``scratch`` is a dead activation-sized buffer (it held the squares) free for the forward's output, or ``None``.
-    On the CPU fast path the mean comes from row sums combined in float64 (:func:`_sums_and_sumsq`); where every
-    channel has ``mean^2 < 16 var`` that mean is exact to ~1e-8 standard deviations and gives the offset without
-    the offset pass (the float32 sums' rounding grows with ``|mean| / std``, so larger means still take the pass).
+    On the CPU fast path the mean comes from row sums combined in float64 (:func:`_sums_and_sumsq`); up to
+    ``mean^2 <= 64 var`` that mean is exact to a few 1e-8 standard deviations (the float32 sums' rounding grows with
+    ``|mean| / std``, so larger means take the centred way and its offset pass).
 
     SyncBatchNorm may take either way on each rank: if every rank's channel has ``mean_i^2 <= var_i``, the merged
     statistics satisfy ``mean^2 <= var`` too (``|mean| <= sum w_i |mean_i| <= sum w_i std_i <= std``), so the
@@ -178,7 +215,6 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
     on_cpu = x.device.type == "cpu" and not _is_compiling()  # reading host values would break a torch.compile graph
     row = _row_length(x) if on_cpu and x.dtype == dtype else 0
     cl_step = _channels_last_block_rows(x) if on_cpu and x.dtype == dtype and not row else 0
-    mean64: Tensor | None = None
     if row or cl_step:
         sums, sumsq = _sums_and_sumsq(x, row) if row else _sums_and_sumsq_channels_last(x, cl_step)
         mean64 = sums / denom
@@ -187,6 +223,12 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
         if bool((mean_sq <= var64).all()):  # _UNCENTERED_MAX_RATIO = 1
             return None, mean64.to(dtype), var64.to(dtype), count, x, None
         center = mean64.to(dtype)
+        if bool((mean_sq <= _SECOND_PASS_MAX_RATIO * var64).all()):
+            # exact variance from a second blocked pass; x - center is never written, backward keeps x itself
+            offset64 = mean64 - center.double()
+            sumsq64 = _sumsq_about(x, center, row, cl_step)
+            var = (sumsq64 / denom).sub_(offset64.square()).clamp_(min=0).to(dtype)
+            return None, center, var, count, x, None
     else:
         center = _channel_sum(x, dtype).div_(denom)
     centered = x - _channel_view(center, x)  # type promotion gives the compute dtype without copying x first
@@ -197,10 +239,6 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
         return center, offset64.to(dtype), var, count, centered, None
     sumsq, scratch = _channel_sumsq(centered)
     var = sumsq.div_(denom)
-    if mean64 is not None and bool((center.square() < _OFFSET_SKIP_RATIO * var).all()):
-        # the float64 mean is exact to ~1e-8 std here: the float32 centre's rounding is the whole offset
-        offset = (mean64 - center.double()).to(dtype)
-    else:
-        offset = _channel_sum(centered).div_(denom)
+    offset = _channel_sum(centered).div_(denom)
     var = var.sub_(offset.square()).clamp_(min=0)
     return center, offset, var, count, centered, scratch

@@ -41,11 +41,12 @@ def test_training_output_and_grads_stable_for_large_mean():
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=0)
 
 
-# mean/std ratios on both sides of every switch in _centered_stats: uncentred (mean^2 <= var), centred without the
-# offset pass (mean^2 < 16 var), centred with it; the shape has rows of 256 values, so the CPU fast paths apply
+# mean/std ratios on both sides of every switch in _centered_stats: uncentred (mean^2 <= var), a second pass for the
+# variance (mean^2 <= 64 var), centred with the offset pass; the shape has rows of 256 values, so the CPU fast paths
+# apply
 @pytest.mark.parametrize(
-    "ratio,path", [(0.0, "uncentred"), (0.9, "uncentred"), (1.1, "centred"), (3.9, "centred"), (4.1, "offset"),
-                   (50.0, "offset"), (1e4, "offset")]
+    "ratio,path", [(0.0, "uncentred"), (0.9, "uncentred"), (1.1, "second pass"), (3.9, "second pass"),
+                   (4.1, "second pass"), (7.9, "second pass"), (8.1, "offset"), (50.0, "offset"), (1e4, "offset")]
 )  # fmt: skip
 @pytest.mark.parametrize(
     "shape,layout",
@@ -72,13 +73,16 @@ def test_every_statistics_path_matches_float64_math(ratio, path, shape, layout, 
     w = torch.rand(c, generator=g) + 0.5
     b = torch.randn(c, generator=g)
 
-    calls = []  # on the NCHW layout _channel_sum runs only for the offset pass
+    calls, second = [], []  # on the NCHW layout _channel_sum runs only for the offset pass
+    sumsq_about = stats_kernels._sumsq_about
     monkeypatch.setattr(stats_kernels, "_channel_sum", lambda *a, **k: calls.append(1) or channel_sum(*a, **k))
+    monkeypatch.setattr(stats_kernels, "_sumsq_about", lambda *a: second.append(1) or sumsq_about(*a))
     centered = stats_kernels._centered_stats(x)[4]
     monkeypatch.undo()
-    taken = "uncentred" if centered is x else ("offset" if calls else "centred")
-    if layout == "channels_last":  # its centred path also sums squares with _channel_sum: only "uncentred" tells
-        taken, path = taken == "uncentred", path == "uncentred"
+    if centered is x:
+        taken = "second pass" if second else "uncentred"
+    else:
+        taken = "offset" if calls or layout == "channels_last" else "centred"  # CL's centred way sums in one pass
     assert taken == path
 
     xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
