@@ -68,6 +68,7 @@ from bn_lightning.functional.composite import (
     needs_composite,
     normalize_backward_composite,
 )
+from bn_lightning.functional.ghost import ghost_batch_norm_with_stats
 from bn_lightning.functional.running_stats import normalize, update_running_stats
 from bn_lightning.functional.stats import (
     BatchStats,
@@ -90,6 +91,7 @@ __all__ = [
     "check_batch_norm_args",
     "compute_dtype",
     "get_kernel",
+    "ghost_batch_norm_with_stats",
     "grad_input",
     "grad_reductions",
     "merge_finite_stats",

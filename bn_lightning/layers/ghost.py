@@ -1,19 +1,19 @@
 """Ghost Batch Normalization (Hoffer et al., 2017): normalise each virtual batch with its own statistics.
 
-Provides :class:`GhostBatchNorm1d` and :class:`GhostBatchNorm2d`, built on the plain layers' forward (and so on the
-functional core): the batch is split along dim 0 into virtual batches of ``virtual_batch_size``, each is normalised
-with its own statistics and updates the running statistics once, in order.
+Provides :class:`GhostBatchNorm1d` and :class:`GhostBatchNorm2d`, built on the functional core
+(:func:`~bn_lightning.functional.ghost_batch_norm_with_stats`): the batch is split along dim 0 into virtual batches of
+``virtual_batch_size``, each is normalised with its own statistics and updates the running statistics once, in
+order; eval mode is the plain layers' forward.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_lightning.functional import BatchStats, merge_stats
+from bn_lightning.functional import ghost_batch_norm_with_stats, needs_composite
 from bn_lightning.layers.batchnorm import ScratchBatchNormMixin
 from bn_lightning.validation import check_int
 
@@ -47,21 +47,22 @@ class GhostBatchNormMixin(ScratchBatchNormMixin):
         # virtual batches are a training-time regulariser: eval (even without running statistics) sees the whole batch
         if not self.training or input.dim() < 2 or input.shape[0] <= self.virtual_batch_size:
             return super().forward(input)
-        chunks = list(torch.split(input, self.virtual_batch_size))
-        if chunks[-1].numel() == chunks[-1].shape[1] and len(chunks) > 1:  # a single value per channel: merge it
-            chunks[-2:] = [torch.cat(chunks[-2:])]
-        outputs, stats = [], []
-        for chunk in chunks:
-            outputs.append(super().forward(chunk))
-            stats.append(self.last_batch_stats)
-        counts = [s.count for s in stats]  # type: ignore[union-attr]
-        merged = merge_stats(
-            torch.stack([s.mean for s in stats]),  # type: ignore[union-attr]
-            torch.stack([s.var for s in stats]),  # type: ignore[union-attr]
-            torch.tensor(counts, device=input.device),
+        self._check_input_dim(input)
+        track = self.track_running_stats
+        y, stats = ghost_batch_norm_with_stats(
+            input,
+            self.virtual_batch_size,
+            self.running_mean if track else None,  # type: ignore[attr-defined]
+            self.running_var if track else None,  # type: ignore[attr-defined]
+            self.weight,  # type: ignore[attr-defined]
+            self.bias,  # type: ignore[attr-defined]
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked if track else None,  # type: ignore[attr-defined]
         )
-        self.last_batch_stats = BatchStats(merged.mean, merged.var, sum(counts))  # a Python int, as for one chunk
-        return torch.cat(outputs)
+        # statistics computed inside a torch.func transform are wrapped tensors that must not outlive it
+        self.last_batch_stats = None if needs_composite(stats.mean) else stats
+        return y
 
 
 class GhostBatchNorm1d(GhostBatchNormMixin, _BatchNorm):
