@@ -32,6 +32,8 @@ What this package provides:
   (``create_graph=True``), forward-mode AD and ``torch.func`` transforms (``vmap``, ``jvp``, ``grad``) run through;
   :func:`needs_composite` tells when; :func:`check_batch_norm_args` rejects what ``torch.nn.functional.batch_norm``
   rejects (non-floating inputs, ``eps <= 0`` in training);
+- :func:`ghost_batch_norm_with_stats`: Ghost BN's training forward (each virtual batch normalised with its own
+  statistics, the running statistics updated once per virtual batch) in one autograd Function;
 - :func:`set_kernel` / :func:`get_kernel`: run local training-mode BN through the default ``"eager"`` kernel (ATen
   ops) or the opt-in ``"compiled"`` one (the same formulas fused by ``torch.compile``).
 
@@ -39,7 +41,8 @@ Where it lives: :mod:`~bn_lightning.functional.stats` (the types, computing and 
 kernels in :mod:`~bn_lightning.functional.stats_kernels`), :mod:`~bn_lightning.functional.backward` (the
 closed-form backward), :mod:`~bn_lightning.functional.running_stats` (the running update and the eval transform),
 :mod:`~bn_lightning.functional.batchnorm` (the forward of a layer and its autograd Function),
-:mod:`~bn_lightning.functional.compiled` (the kernel choice and the ``torch.compile`` kernel) and
+:mod:`~bn_lightning.functional.ghost` (virtual batches), :mod:`~bn_lightning.functional.compiled` (the kernel
+choice and the ``torch.compile`` kernel) and
 :mod:`~bn_lightning.functional.channels` (per-channel plumbing they share).
 
 Statistics are computed in float32 at least, also for float16/bfloat16 inputs (autocast); outputs keep the input's
