@@ -3,7 +3,8 @@ backward, the eager numbers, the running statistics updated by the same rule, no
 
 Most tests compile with the ``"aot_eager"`` backend: it runs everything ``torch.compile`` does to a model except code
 generation (Dynamo's trace, AOTAutograd's joint forward/backward graph, the functionalised in-place buffer updates),
-in a second instead of tens. One ``slow`` test runs the whole Inductor pipeline.
+in a second instead of tens. Two ``slow`` tests run the whole Inductor pipeline: a compiled model, and the opt-in
+compiled kernel of eager layers across batch sizes and memory formats.
 
 Tolerances: the compiled graph computes the batch statistics with plain two-pass sums, the eager kernels with their
 own reduction orders (row sums combined in float64, ...); both are float32 reductions over at most 100 values per
@@ -215,6 +216,74 @@ def test_inductor_fullgraph_training_and_eval_match_eager():
                 torch.testing.assert_close(value, ref, **TOL)
             else:
                 assert torch.equal(value, ref), key
+
+
+# ---------------------------------------------------------------- the opt-in compiled kernel
+
+
+def _kernel_graphs() -> list[int]:
+    """How many graphs Dynamo holds for each compiled kernel: training forward, training backward, eval."""
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
+    fns = (kernels._fused_forward, kernels._fused_backward, kernels._fused_affine)
+    return [len(entries(fn.__code__)) for fn in fns]
+
+
+def _float64_bn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Training BN (biased batch variance) in float64 autograd ops, and the eval transform with ``layer``'s buffers."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+    view = (1, -1, 1, 1)
+    mean = x64.mean((0, 2, 3), keepdim=True)
+    var = ((x64 - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    y = (x64 - mean) / torch.sqrt(var + layer.eps) * w64.view(view) + b64.view(view)
+    y.backward(dy.double())
+    rm, rv = (t.double().view(view) for t in (layer.running_mean, layer.running_var))
+    y_eval = (x.double() - rm) / torch.sqrt(rv + layer.eps) * w64.detach().view(view) + b64.detach().view(view)
+    return {"y": y.detach(), "dx": x64.grad, "dw": w64.grad, "db": b64.grad, "y_eval": y_eval}
+
+
+@pytest.mark.slow
+def test_compiled_kernel_compiles_once_for_every_batch_size_and_shape(monkeypatch):
+    """One graph per kernel for every batch size and layer shape (symbolic sizes from the first call); a size of 1 and
+    each memory format get a graph of their own; outputs and gradients equal float64 math in every case."""
+    monkeypatch.setattr(kernels, "_compiled_broken", False)
+    monkeypatch.setattr(kernels, "_chosen", "compiled")
+    g = torch.Generator().manual_seed(5)
+    layers = {c: B.BatchNorm2d(c) for c in (5, 3)}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.uniform_(0.5, 1.5, generator=g)
+            layer.bias.uniform_(-0.5, 0.5, generator=g)
+    nchw, cl = torch.contiguous_format, torch.channels_last
+    cases = [  # (input shape, memory format, graphs per kernel after the case)
+        *[((n, 5, 4, 3), nchw, 1) for n in (8, 12, 16, 40, 2)],
+        ((8, 3, 7, 2), nchw, 1),  # another channel count and feature map: the same graphs
+        ((8, 5, 4, 3), cl, 2),  # strides are part of a graph: one more per memory format
+        ((40, 3, 7, 2), cl, 2),
+        ((1, 5, 4, 3), nchw, 3),  # Dynamo specialises sizes 0 and 1: a graph of their own
+        ((3, 5, 4, 3), nchw, 3),
+    ]
+    for shape, fmt, graphs in cases:
+        layer = layers[shape[1]]
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 50).float().contiguous(memory_format=fmt)
+        dy = (torch.randn(x.shape, generator=g) + 0.3).contiguous(memory_format=fmt)  # a gradient with a mean
+        layer.train().zero_grad()
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.backward(dy)
+        y_eval = layer.eval()(x)
+        ref = _float64_bn(layer, x, dy)
+        got = {"y": y, "dx": xg.grad, "dw": layer.weight.grad, "db": layer.bias.grad, "y_eval": y_eval}
+        for key, value in got.items():
+            tol = {
+                "y": {"rtol": 0, "atol": 1e-5},
+                "dx": {"rtol": 0, "atol": 1e-5},
+                "y_eval": {"rtol": 1e-6, "atol": 1e-5},  # (x - running_mean) * invstd: values up to ~60 here
+            }.get(key, GRAD_TOL)  # dw, db: float32 sums of up to 480 products of size ~3
+            where = f"{key}, {shape}, {fmt}"
+            torch.testing.assert_close(value.double(), ref[key], **tol, msg=lambda m, where=where: f"{where}: {m}")
+        assert y.is_contiguous(memory_format=fmt) and xg.grad.is_contiguous(memory_format=fmt)
+        assert _kernel_graphs() == [graphs] * 3, (shape, fmt, _kernel_graphs())
+    assert not hasattr(x, "_dynamo_weak_dynamic_indices")  # the symbolic-size mark stays off the caller's tensor
 
 
 # ---------------------------------------------------------------- SyncBatchNorm, 2 gloo processes

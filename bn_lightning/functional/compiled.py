@@ -1,8 +1,9 @@
 """The kernel choice (:func:`set_kernel` / :func:`get_kernel`) and the opt-in compiled kernel.
 
-The compiled kernel runs the eager formulas (two-pass statistics with the exact offset, the closed-form backward,
-the eval transform) through ``torch.compile``, which fuses each into a few loops over the data. It is built on first
-use; if compiling fails, a warning is given once and the eager kernel runs from then on. Inside a model that
+The compiled kernel runs the BN math (batch statistics from one read of the input, exact for large means; the
+closed-form backward; the eval transform) through ``torch.compile``, which fuses each into one or two loops over the
+data. It is built on first use, with symbolic sizes (one graph for every batch size and shape of two or more in each
+dimension); if compiling fails, a warning is given once and the eager kernel runs from then on. Inside a model that
 ``torch.compile`` traces, neither kernel runs: the layers take the composite path
 (:mod:`~bn_lightning.functional.composite`), which the model's own graph compiles and fuses.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bn_lightning.functional.channels import _is_compiling, reduce_dims
+from bn_lightning.functional.channels import _is_compiling
 from bn_lightning.functional.stats import Renorm, StatsReducer
 
 KERNELS = ("eager", "compiled")
@@ -32,12 +33,14 @@ _compiled_broken = False
 def set_kernel(name: str) -> None:
     """Choose how training-mode local BN runs: ``"eager"`` (default) or ``"compiled"``.
 
-    ``"eager"`` composes ATen ops (the functions of :mod:`bn_lightning.functional`). ``"compiled"`` runs the SAME
-    formulas — two-pass statistics with the exact offset, the closed-form backward — through ``torch.compile``, which
-    fuses each into a few loops over the data (on CPU ~0.8-1.0x torch's native BN fwd+bwd at (64, 64, 32, 32),
-    forward alone ~0.7x, against ~1.15x eager; ``scripts/bench_layers.py --kernel compiled``). The first call per
-    input shape compiles (~15 s on 2 cores; a C++ compiler is needed on CPU); if compiling fails, a warning is given
-    once and the eager kernel is used.
+    ``"eager"`` composes ATen ops (the functions of :mod:`bn_lightning.functional`). ``"compiled"`` runs the same
+    math — batch statistics exact for large means, the closed-form backward — through ``torch.compile``, which fuses
+    each into one or two loops over the data (``scripts/bench_layers.py --kernel compiled``; figures in
+    ``docs/benchmarks.md``). The first call compiles (tens of seconds on 2 cores with an empty Inductor cache, a few
+    with a warm one: ``docs/compile.md``; a C++ compiler is needed on CPU); its graphs have symbolic sizes, so
+    every batch size and layer shape reuses them. A size of 1 (batch size 1, a 1x1 feature map), another memory
+    format or another number of dimensions compiles once more. If compiling fails, a warning is given once and the
+    eager kernel is used.
     Applies to float32/float64 inputs of plain local BN in training and to the eval-mode transform; SyncBatchNorm's
     and Batch Renorm's training and autocast half-precision inputs always run eager. Without a call, the
     environment variable ``BN_LIGHTNING_KERNEL`` decides (see :func:`get_kernel`).
@@ -84,25 +87,39 @@ def get_kernel() -> str:
     return "eager"
 
 
+def _channel_sums(t: Tensor, per_sample: bool = True) -> Tensor:
+    """Per-channel sums of ``t`` (``N, C, *``), in two levels (``per_sample``) or in one reduction.
+
+    Two levels, first over each sample's positions and then over the samples, give Inductor (CPU) one loop nest that
+    reads ``t`` once with short float32 partial sums, in NCHW and channels_last alike; the one reduction is faster
+    for a backward in NCHW (measured with ``scripts/bench_layers.py --kernel compiled``).
+    """
+    if not per_sample or t.dim() == 2:
+        return t.sum((0, *range(2, t.dim())))
+    return t.sum(tuple(range(2, t.dim()))).sum(0)
+
+
 def _fused_forward(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training-mode BN forward for ``torch.compile``: ``(y, center, offset, var, invstd)``; the eager formulas.
+    """Training-mode BN forward for ``torch.compile``: ``(y, center, offset, var, invstd)``.
 
-    The mean is ``center + offset`` (float32 cannot hold a large mean exactly: see
-    :func:`~bn_lightning.functional.stats_kernels._centered_stats`), and backward needs both parts.
+    The mean is ``center + offset`` (backward needs both parts): ``center`` is the first sample's per-channel mean,
+    ``offset`` the mean of ``x - center`` over the batch, and the variance the mean of ``(x - center)^2`` less
+    ``offset^2`` (the shifted-data formula). Both sums come from one read of ``x``; a second computes ``y``.
 
-    Compiled into a reduction for the mean, one for the offset and the centred sum of squares (see
-    :func:`~bn_lightning.functional.stats_kernels._centered_stats`: exact for large means) and one elementwise loop
-    for ``y``: three reads of ``x``, one write. Accumulation is float32 (float64 accumulators made the compiled loops
-    2x slower on CPU).
+    Accuracy: ``center`` is exact in float32 however large the mean is (no ``E[x^2] - E[x]^2`` cancellation of a
+    large mean), and ``offset`` is small: the batch variance holds the spread of the sample means, so
+    ``offset^2 <= N * var``, and the subtraction loses at most ``log10(N + 1)`` digits, only when all of the
+    variance is the first sample's distance from the others (for independent values ``offset^2 ~ var / (H * W)``).
+    Accumulation is float32 (float64 accumulators made the compiled loops 2x slower on CPU).
     """
-    dims = reduce_dims(x)
     view = (1, -1) + (1,) * (x.dim() - 2)
-    center = x.mean(dims)
+    n = x.numel() // x.shape[1]
+    center = x[0].reshape(x.shape[1], -1).mean(1)
     centered = x - center.view(view)
-    offset = centered.mean(dims)
-    var = ((centered * centered).mean(dims) - offset * offset).clamp(min=0)
+    offset = _channel_sums(centered) / n
+    var = (_channel_sums(centered * centered) / n - offset * offset).clamp(min=0)
     invstd = torch.rsqrt(var + eps)
     scale = invstd * weight
     y = (centered - offset.view(view)) * scale.view(view) + bias.view(view)
@@ -114,14 +131,15 @@ def _fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form BN backward for ``torch.compile``: ``(dx, sum(dy * x_hat), sum(dy))``.
 
-    Compiled into one reduction loop over ``dy`` and ``x`` and one elementwise loop for ``dx``.
+    Compiled into one reduction loop over ``dy`` and ``x`` and one elementwise loop for ``dx``. ``grad_out`` is in
+    ``x``'s layout (its caller makes it so).
     """
-    dims = reduce_dims(x)
     view = (1, -1) + (1,) * (x.dim() - 2)
     n = x.numel() // x.shape[1]
+    per_sample = not x.is_contiguous()  # channels_last: see _channel_sums
     centered = (x - center.view(view)) - offset.view(view)
-    sum_dy = grad_out.sum(dims)
-    sum_dy_xhat = (grad_out * centered).sum(dims) * invstd
+    sum_dy = _channel_sums(grad_out, per_sample)
+    sum_dy_xhat = _channel_sums(grad_out * centered, per_sample) * invstd
     a = invstd * weight
     b = -a * invstd * (sum_dy_xhat / n)
     d = -a * (sum_dy / n)
@@ -156,9 +174,28 @@ def _use_compiled(x: Tensor, reducer: StatsReducer | None, renorm: Renorm | None
     )
 
 
+def _dynamic_sizes(t: Tensor) -> Tensor:
+    """An alias of ``t`` whose sizes ``torch.compile`` traces as symbolic: one graph for every batch size and shape.
+
+    Symbolic from the first call: no second compile when the batch size first changes (Dynamo's automatic dynamic
+    shapes), and none per channel count, of which a network can have more than Dynamo compiles per function
+    (``torch._dynamo.config.recompile_limit``, 8; beyond it the function runs uncompiled). The mark is an attribute
+    of the tensor object, so it goes on a fresh alias, never on the caller's tensor (which the caller may pass to a
+    ``torch.compile`` of its own). A size of 0 or 1 still gets a graph of its own (Dynamo specialises them), and so
+    does each memory format (strides are part of a graph).
+    """
+    alias = t.detach()
+    torch._dynamo.maybe_mark_dynamic(alias, list(range(t.dim())))
+    return alias
+
+
 def _run_compiled(fn_index: int, *args: object) -> Any:
-    """Call a compiled kernel; ``None`` (after one warning, for good) if compiling fails."""
+    """Call a compiled kernel; ``None`` (after one warning, for good) if compiling fails.
+
+    Every tensor argument is passed with symbolic sizes (the per-channel ones too: their size is the channel count).
+    """
     global _compiled_broken
+    args = tuple(_dynamic_sizes(a) if isinstance(a, Tensor) else a for a in args)
     try:
         return _compiled_kernels()[fn_index](*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager kernel
