@@ -81,7 +81,7 @@ def _scale_shift(
     return scale, shift
 
 
-_PLANE_VALUES = 1 << 13  # values in the shift plane of :func:`_affine`: 32 KB in float32, resident in L1/L2
+_PLANE_VALUES = 1 << 16  # values in the shift plane of :func:`_affine`: 256 KB in float32, resident in L2
 _MIN_PLANE_ROW = 16  # shortest rows the plane may cut a channel's values into (shorter: vector loops too short)
 
 
