@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_lightning.functional.channels import _block_size, _channel_view, _split
+from bn_lightning.functional.channels import _block_size, _channel_view, _channels_innermost, _plane_row, _split
 from bn_lightning.functional.stats import Count, _host_count
 from bn_lightning.functional.stats_kernels import _channel_sum, _channels_last_block_rows
 
@@ -124,9 +124,11 @@ def grad_input(
     """Closed-form input gradient of batch normalisation with batch statistics.
 
     ``dx = gamma * invstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``, evaluated as
-    ``dx = dy * a + (x - c) * b + d`` with per-channel ``a, b, d``: a multiply, an ``addcmul_`` and an add, run
-    block by block over the batch on CPU so that the last two find the block in cache (reads ``dy`` and ``x - c``
-    once, writes ``dx`` once).
+    ``dx = dy * a + (x - c) * b + d`` with per-channel ``a, b, d``, run block by block over the batch on CPU so that
+    the second pass finds the block in cache (reads ``dy`` and ``x - c`` once, writes ``dx`` once): on CPU, for
+    float inputs of one dtype, ``torch.addcmul(d, x - c, b)`` (``d`` as a cached plane for NCHW inputs, see
+    :func:`~bn_lightning.functional.channels._affine`) then ``addcmul_(dy, a)``; elsewhere a multiply, an
+    ``addcmul_`` and an add.
 
     Args:
         grad_out: ``dy``, shape ``(N, C, *)``.
@@ -147,9 +149,23 @@ def grad_input(
     a, b, d = _input_grad_coefficients(invstd, weight, sum_dy, sum_dy_xhat, count, offset)
     dx = _buffer_like(centered, out)
     a_v, b_v, d_v = (_channel_view(t, centered) for t in (a, b, d))
-    step = _block_size(centered)  # all three ops on one cached block at a time
-    for dy_block, x_block, dx_block in _split(step, grad_out, centered, dx):
-        torch.mul(dy_block, a_v, out=dx_block).addcmul_(x_block, b_v).add_(d_v)
+    step = _block_size(centered)  # all ops on one cached block at a time
+    fused = centered.device.type == "cpu" and grad_out.dtype == centered.dtype == a.dtype
+    k = _plane_row(centered) if fused and grad_out.is_contiguous() else 0
+    if k:  # two passes: (x - c) * b + d with d as a cached plane (see _affine), then += dy * a
+        n, c = centered.shape[0], centered.shape[1]
+        d_plane = d.view(c, 1).expand(c, k).contiguous().view(1, c, 1, k)
+        a4, b4 = a.view(1, c, 1, 1), b.view(1, c, 1, 1)
+        rows = centered.numel() // (n * c * k)
+        for dy_block, x_block, dx_block in _split(step, grad_out, centered, dx):
+            shape = (x_block.shape[0], c, rows, k)
+            torch.addcmul(d_plane, x_block.view(shape), b4, out=dx_block.view(shape)).addcmul_(dy_block.view(shape), a4)
+    elif fused and grad_out.stride() == centered.stride() and (centered.dim() == 2 or _channels_innermost(centered)):
+        for dy_block, x_block, dx_block in _split(step, grad_out, centered, dx):  # channels innermost: no plane
+            torch.addcmul(d_v, x_block, b_v, out=dx_block).addcmul_(dy_block, a_v)
+    else:
+        for dy_block, x_block, dx_block in _split(step, grad_out, centered, dx):
+            torch.mul(dy_block, a_v, out=dx_block).addcmul_(x_block, b_v).add_(d_v)
     return dx if dx.dtype == dtype else dx.to(dtype)
 
 
