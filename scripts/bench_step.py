@@ -7,6 +7,7 @@ in rotating orders (scripts/_bench.py); the ratio is the median over rounds of s
 given runs as its own table, in the same process.
 
 Run: python scripts/bench_step.py [--batch 64] [--rounds 12] [--steps 10] [--thread-counts 1 2] [--channels-last]
+     [--kernel compiled]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from _bench import (
 from torch import nn
 
 from bn_lightning.app.models import ResNet20
+from bn_lightning.functional import set_kernel
 
 TARGET = 1.02  # scratch / torch step time, from issue 17
 
@@ -80,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
     parser.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
+    parser.add_argument(
+        "--kernel", choices=["eager", "compiled"], default="eager", help="bn_lightning.functional.set_kernel for ours"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.batch < 2 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("need --batch >= 2, --rounds >= 1, --steps >= 1, --warmup >= 0")
     if any(t < 1 for t in args.thread_counts):
         parser.error(f"--thread-counts must be >= 1, got {args.thread_counts}")
+    set_kernel(args.kernel)
     models = make_models(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen)
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print("bench_step: ResNet-20 train step (fwd, loss, bwd, SGD), bn_lightning BN (scratch) vs torch BN")
     for line in environment_lines():
         print(line)
-    print(f"batch {args.batch} x 3 x 32 x 32, {'channels_last' if args.channels_last else 'NCHW'}")
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"batch {args.batch} x 3 x 32 x 32, {layout}, {args.kernel} kernel")
     print(f"one-step agreement (loss, conv1 grad): max abs diff {check_agreement(models, x, y):.2e}")
     summary = []
     for threads in args.thread_counts:
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved = ["--batch", str(args.batch), "--rounds", str(args.rounds), "--steps", str(args.steps)]
     resolved += ["--warmup", str(args.warmup), "--thread-counts", *map(str, args.thread_counts)]
     resolved += ["--seed", str(args.seed)] + (["--channels-last"] if args.channels_last else [])
+    resolved += ["--kernel", args.kernel] if args.kernel != "eager" else []
     print(f"reproduce: {reproduce_command(resolved)}")
     return 0
 
