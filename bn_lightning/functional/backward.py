@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_lightning.functional.channels import _block_size, _channel_view, _channels_innermost, _plane_row, _split
+from bn_lightning.functional.channels import (
+    _as_dtype,
+    _block_size,
+    _channel_view,
+    _channels_innermost,
+    _plane_row,
+    _split,
+)
 from bn_lightning.functional.stats import Count, _host_count
 from bn_lightning.functional.stats_kernels import _channel_sum, _channels_last_block_rows
 
@@ -46,7 +53,7 @@ def _grad_reductions(
     memory and ``dy`` is read once. Channels-last CPU tensors likewise, with column sums
     (:func:`_grad_sums_channels_last`).
     """
-    dy = grad_out.to(centered.dtype)
+    dy = _as_dtype(grad_out, centered.dtype)
     dense = dy.is_contiguous() and centered.is_contiguous() and centered.dim() > 2
     step = _block_size(centered) if dense else centered.shape[0]
     product: Tensor | None = None
@@ -181,7 +188,7 @@ def _input_grad_coefficients(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(a, b, d)`` with ``dx = dy * a + (x - c) * b + d`` (see :func:`grad_input`)."""
     count = _host_count(count)
-    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    a = invstd if weight is None else invstd * _as_dtype(weight, invstd.dtype)
     if isinstance(count, Tensor):
         minus_inv_n: float | Tensor = -count.to(invstd.dtype).clamp(min=1).reciprocal()
     else:

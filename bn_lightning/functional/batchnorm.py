@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from bn_lightning.functional.backward import _finish_grad_input, _grad_reductions, _scaled_grad, grad_input
-from bn_lightning.functional.channels import _affine, _channel_view, _scale_shift
+from bn_lightning.functional.channels import _affine, _as_dtype, _channel_view, _scale_shift
 from bn_lightning.functional.compiled import _compiled_train, _use_compiled
 from bn_lightning.functional.composite import batch_norm_backward_composite, batch_norm_composite, needs_composite
 from bn_lightning.functional.running_stats import normalize, update_running_stats
@@ -114,8 +114,8 @@ def _eager_backward(
     # gamma/beta gradients are LOCAL sums: under DDP the gradient all-reduce adds the ranks' shares.
     grad_w = None
     if need_w and weight is not None:
-        grad_w = (sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy).to(weight.dtype)
-    grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+        grad_w = _as_dtype(sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy, weight.dtype)
+    grad_b = _as_dtype(sum_dy, weight.dtype if weight is not None else grad_out.dtype) if need_b else None
     if ctx.reducer is None:
         args = (sum_dy, sum_dy_xhat, ctx.count, offset, ctx.in_dtype, scratch)
         grad_x = grad_input(grad_out, centered, invstd, weight_eff, *args) if need_x else None

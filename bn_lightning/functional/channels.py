@@ -34,6 +34,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` already has that dtype (its fixed cost adds up on small inputs)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-channel ``(C,)`` tensor so that it broadcasts against ``x`` of shape ``(N, C, *)``."""
     return t.view((1, -1) + (1,) * (x.dim() - 2))
@@ -74,13 +79,14 @@ def _scale_shift(
     invstd: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Fold ``(x - mean) * invstd * weight + bias`` into ``x * scale + shift`` (all per channel)."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = None if bias is None else bias.to(invstd.dtype)
+    scale = invstd if weight is None else invstd * _as_dtype(weight, invstd.dtype)
+    shift = None if bias is None else _as_dtype(bias, invstd.dtype)
     if mean is not None:
         shift = -mean * scale if shift is None else torch.addcmul(shift, mean, scale, value=-1)
     return scale, shift
 
 
+_SMALL_AFFINE = 1 << 14  # inputs of up to this many values: one addcmul whatever the layout (no plane to build)
 _PLANE_VALUES = 1 << 16  # values in the shift plane of :func:`_affine`: 256 KB in float32, resident in L2
 _MIN_PLANE_ROW = 16  # shortest rows the plane may cut a channel's values into (shorter: vector loops too short)
 
@@ -109,7 +115,8 @@ def _affine(
     one operand that is constant along the innermost dimension: in a channels-last (or ``(N, C)``) input the
     channels are innermost and the per-channel vectors are ordinary operands; in an NCHW-contiguous one both would
     be constant along the rows, so the shift becomes a small ``(C, k)`` plane (each channel's value repeated ``k``
-    times, :func:`_plane_row`) that every ``k``-long row of ``x`` reads from cache. Elsewhere (a mixed dtype, a
+    times, :func:`_plane_row`) that every ``k``-long row of ``x`` reads from cache. Inputs of at most
+    :data:`_SMALL_AFFINE` values take one ``addcmul`` whatever their layout. Elsewhere (a mixed dtype, a
     slice too short or too long to cut) a multiply then an in-place add, block by block along the batch so that the
     add finds each block in cache. Reusing a dead activation-sized buffer avoids first-touch page faults on a fresh
     allocation.
@@ -122,7 +129,8 @@ def _affine(
         return y if y.dtype == out_dtype else y.to(out_dtype)
     shift_v = _channel_view(shift, x)
     if x.dtype == scale.dtype == shift.dtype:
-        if x.device.type != "cpu" or x.dim() == 2 or _channels_innermost(x):
+        small = x.numel() <= _SMALL_AFFINE  # the plane costs more than the scalar loop saves
+        if small or x.device.type != "cpu" or x.dim() == 2 or _channels_innermost(x):
             y = torch.addcmul(shift_v, x, scale_v) if out is None else torch.addcmul(shift_v, x, scale_v, out=out)
             return y if y.dtype == out_dtype else y.to(out_dtype)
         k = _plane_row(x)

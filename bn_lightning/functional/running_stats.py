@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bn_lightning.functional.channels import _affine, _channel_view, _scale_shift, compute_dtype, reduce_dims
+from bn_lightning.functional.channels import _affine, _as_dtype, _channel_view, _scale_shift, compute_dtype, reduce_dims
 from bn_lightning.functional.compiled import _compiled_affine
 from bn_lightning.functional.composite import batch_norm_composite, needs_composite, normalize_backward_composite
 from bn_lightning.functional.stats import BatchStats, _host_count
@@ -64,7 +64,7 @@ def update_running_stats(
                     (running_var, stats.var, factor * bessel),
                 ):
                     if buf is not None:
-                        buf.mul_(1 - factor).add_(value.to(buf.dtype), alpha=alpha)
+                        buf.mul_(1 - factor).add_(_as_dtype(value, buf.dtype), alpha=alpha)
                 return
             unbiased = stats.var * bessel
         for buf, value in ((running_mean, stats.mean), (running_var, unbiased)):
@@ -111,8 +111,8 @@ def _eval_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(y, invstd)``: the inference transform ``x * scale + shift``, ``scale`` and ``shift`` folded per channel."""
     dtype = compute_dtype(x.dtype)
-    invstd = torch.rsqrt(var.to(dtype) + eps)
-    scale, shift = _scale_shift(invstd, weight, bias, mean.to(dtype))
+    invstd = torch.rsqrt(_as_dtype(var, dtype) + eps)
+    scale, shift = _scale_shift(invstd, weight, bias, _as_dtype(mean, dtype))
     if x.dtype == dtype and shift is not None:
         y = _compiled_affine(x, scale, shift)  # None unless the compiled kernel is chosen and available
         if y is not None:

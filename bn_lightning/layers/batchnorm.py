@@ -104,7 +104,8 @@ class ScratchBatchNormMixin:
             self._renorm() if bn_training and self.training else None,
         )
         # statistics computed inside a torch.func transform are wrapped tensors that must not outlive it
-        self.last_batch_stats = None if stats is not None and needs_composite(stats.mean) else stats
+        if stats is not None or self.last_batch_stats is not None:  # eval after eval: nothing to reset
+            self.last_batch_stats = None if stats is not None and needs_composite(stats.mean) else stats
         return y
 
     def __prepare_scriptable__(self) -> None:
