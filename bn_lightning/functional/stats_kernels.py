@@ -205,9 +205,9 @@ def _centered_stats(x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor, in
     ``mean^2 <= 64 var`` that mean is exact to a few 1e-8 standard deviations (the float32 sums' rounding grows with
     ``|mean| / std``, so larger means take the centred way and its offset pass).
 
-    SyncBatchNorm may take either way on each rank: if every rank's channel has ``mean_i^2 <= var_i``, the merged
-    statistics satisfy ``mean^2 <= var`` too (``|mean| <= sum w_i |mean_i| <= sum w_i std_i <= std``), so the
-    backward's ``sum(dy * x) - mean * sum(dy)`` stays as accurate with the global mean.
+    SyncBatchNorm may take a different way on each rank: if every rank's channel has ``mean_i^2 <= r var_i``, the
+    merged statistics satisfy ``mean^2 <= r var`` too (``|mean| <= sum w_i |mean_i| <= sqrt(r) sum w_i std_i <=
+    sqrt(r) std``), so the output and the backward's ``x - mean`` stay as accurate with the global mean.
     """
     dtype = compute_dtype(x.dtype)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
