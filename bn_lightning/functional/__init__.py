@@ -41,7 +41,8 @@ Where it lives: :mod:`~bn_lightning.functional.stats` (the types, computing and 
 kernels in :mod:`~bn_lightning.functional.stats_kernels`), :mod:`~bn_lightning.functional.backward` (the
 closed-form backward), :mod:`~bn_lightning.functional.running_stats` (the running update and the eval transform),
 :mod:`~bn_lightning.functional.batchnorm` (the forward of a layer and its autograd Function),
-:mod:`~bn_lightning.functional.ghost` (virtual batches), :mod:`~bn_lightning.functional.compiled` (the kernel
+:mod:`~bn_lightning.functional.ghost` (virtual batches; its grouped kernels in
+:mod:`~bn_lightning.functional.ghost_kernels`), :mod:`~bn_lightning.functional.compiled` (the kernel
 choice and the ``torch.compile`` kernel) and
 :mod:`~bn_lightning.functional.channels` (per-channel plumbing they share).
 

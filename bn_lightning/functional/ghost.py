@@ -1,13 +1,16 @@
 """Ghost Batch Normalization (Hoffer et al., 2017) in one pass: :func:`ghost_batch_norm_with_stats`.
 
 The batch is split along dim 0 into virtual batches, each normalised with its own statistics, and the running
-statistics are updated once per virtual batch, in order. One autograd Function runs the whole ghost forward: the
-virtual batches are contiguous views of the input (for NCHW and channels-last layouts), each normalised by the eager
-kernels straight into its slice of one preallocated output, and the backward writes each virtual batch's input
-gradient into its slice of one preallocated gradient. Forward-mode AD, ``torch.func`` transforms, ``torch.compile``
-and the compiled kernel run each virtual batch through :func:`~bn_lightning.functional.batch_norm_with_stats` and
-concatenate the outputs; the Function's backward differentiates composite ops per virtual batch when a graph of it
-is asked for (``create_graph=True``) or its incoming gradient is batched (``vmap``).
+statistics are updated once per virtual batch, in order. One autograd Function runs the whole ghost forward. Where
+the virtual batches are of one size and the input NCHW-contiguous with rows of at least 64 values, the grouped kernels
+(:mod:`~bn_lightning.functional.ghost_kernels`) run every virtual batch at once on the ``(G, m, C, L)`` view, at about
+the cost of one plain BN call on the whole batch. Elsewhere (a smaller last virtual batch, channels-last, short rows,
+a mean beyond 8 standard deviations) the virtual batches are views of the input, each normalised by the eager kernels
+straight into its slice of one preallocated output, and the backward writes each virtual batch's input gradient into
+its slice of one preallocated gradient. Forward-mode AD, ``torch.func`` transforms, ``torch.compile`` and the compiled
+kernel run each virtual batch through :func:`~bn_lightning.functional.batch_norm_with_stats` and concatenate the
+outputs; the Function's backward differentiates composite ops per virtual batch when a graph of it is asked for
+(``create_graph=True``) or its incoming gradient is batched (``vmap``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from bn_lightning.functional.batchnorm import batch_norm_with_stats, check_batch
 from bn_lightning.functional.channels import _affine, _channel_view, _scale_shift
 from bn_lightning.functional.compiled import get_kernel
 from bn_lightning.functional.composite import batch_norm_backward_composite, needs_composite
+from bn_lightning.functional.ghost_kernels import (
+    grouped_affine,
+    grouped_eligible,
+    grouped_grad_input,
+    grouped_grad_reductions,
+    grouped_stats,
+)
 from bn_lightning.functional.running_stats import update_running_stats
 from bn_lightning.functional.stats import BatchStats, _add_parts, merge_finite_stats, merge_stats
 from bn_lightning.functional.stats_kernels import _centered_stats
@@ -70,10 +80,11 @@ def ghost_batch_norm_with_stats(
 ) -> tuple[Tensor, BatchStats]:
     """Training-mode Ghost BN: each virtual batch normalised with its own statistics; returns the output and stats.
 
-    The virtual batches are :func:`_virtual_batch_sizes`; each one gives exactly what
+    The virtual batches are :func:`_virtual_batch_sizes`; each one gives what
     :func:`~bn_lightning.functional.batch_norm_with_stats` gives it alone (output, gradients, and one update of the
     running buffers, in order: ``num_batches_tracked`` counts virtual batches, and drives ``momentum=None``'s
-    cumulative average). ``y`` keeps ``x``'s memory format.
+    cumulative average): bit for bit where the virtual batches run one by one, to float rounding of the per-channel
+    coefficients where the grouped kernels run them all at once. ``y`` keeps ``x``'s memory format.
 
     Args:
         x: ``(N, C, *)`` floating-point input.
@@ -184,6 +195,20 @@ class _GhostTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, sizes):  # type: ignore[override]
+        ctx.sizes = sizes
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        ctx.grouped = None
+        stats = grouped_stats(x, len(sizes)) if grouped_eligible(x, sizes) else None
+        if stats is not None:  # every virtual batch at once
+            mean, var = stats
+            invstd = torch.rsqrt(var + eps)
+            scale, shift = _scale_shift(invstd, weight, bias, mean)
+            y = grouped_affine(x, scale, shift, len(sizes))
+            ctx.save_for_backward(x, weight)
+            ctx.grouped = (mean, invstd)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         y = torch.empty_like(x)
         centers, offsets, invstds, means, variances = [], [], [], [], []
         for x_chunk, y_chunk in zip(x.split(sizes), y.split(sizes), strict=True):
@@ -202,10 +227,7 @@ class _GhostTrainFn(torch.autograd.Function):
         # x, not the centred input: the backward recomputes each x - center (bit for bit the forward's)
         ctx.save_for_backward(x, weight)
         ctx.chunk_stats = (centers, offsets, invstds)
-        ctx.sizes = sizes
-        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)
         return y, mean, var
 
     @staticmethod
@@ -216,6 +238,11 @@ class _GhostTrainFn(torch.autograd.Function):
         if torch.is_grad_enabled() or needs_composite(grad_out):  # double backward; vmap over the backward
             return _composite_backward(ctx, grad_out, x, weight)
         with torch.no_grad():
+            if ctx.grouped is not None:
+                mean, invstd = ctx.grouped
+                if grad_out.is_contiguous() and grad_out.dtype == x.dtype:
+                    return _grouped_backward(ctx, grad_out, x, weight, mean, invstd)
+                ctx.chunk_stats = ([None] * len(ctx.sizes), list(mean.unbind()), list(invstd.unbind()))
             return _eager_backward(ctx, grad_out, x, weight)
 
 
@@ -255,6 +282,24 @@ def _eager_backward(ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor | None
                 dx_chunk.copy_(out)
     grad_w = _sum_in_reverse(grad_ws) if grad_ws else None
     grad_b = _sum_in_reverse(grad_bs) if grad_bs else None
+    return dx, grad_w, grad_b, None, None
+
+
+def _grouped_backward(
+    ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor | None, ...]:
+    """The backward of every virtual batch at once (:mod:`~bn_lightning.functional.ghost_kernels`)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    groups = len(ctx.sizes)
+    sum_dy, sum_dy_xhat = grouped_grad_reductions(grad_out, x, mean, invstd, groups)
+    grad_w = grad_b = dx = None
+    if need_w and weight is not None:
+        grad_w = _sum_in_reverse([part.to(weight.dtype) for part in sum_dy_xhat.unbind()])
+    if need_b:
+        param_dtype = weight.dtype if weight is not None else grad_out.dtype
+        grad_b = _sum_in_reverse([part.to(param_dtype) for part in sum_dy.unbind()])
+    if need_x:
+        dx = grouped_grad_input(grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xhat, groups)
     return dx, grad_w, grad_b, None, None
 
 

@@ -81,8 +81,10 @@ def _channel_sumsq(t: Tensor) -> tuple[Tensor, Tensor | None]:
     return _channel_sum(squares), squares
 
 
-def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
+def _sums_and_sumsq(x: Tensor, row: int, groups: int = 1) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(x)`` and ``sum(x^2)``, in float64, of an NCHW-contiguous ``x`` cut into rows of ``row`` values.
+
+    ``(C,)`` each; with ``groups > 1``, ``(groups, C)``: the sums of each of ``groups`` equal slices of the batch.
 
     One read of ``x`` from memory: per block, row sums then a row-wise ``vector_norm`` on the cached block for the
     squares. The row partials are combined in float64, so the mean is as exact as its float32 row
@@ -97,6 +99,9 @@ def _sums_and_sumsq(x: Tensor, row: int) -> tuple[Tensor, Tensor]:
         torch.sum(block, 1, out=block_sums)
         torch.linalg.vector_norm(block, dim=1, out=block_norms)
     f64 = torch.float64
+    if groups > 1:
+        shape = (groups, n // groups, c, -1)
+        return sums.view(shape).sum((1, 3), dtype=f64), norms.square_().view(shape).sum((1, 3), dtype=f64)
     return sums.view(n, c, -1).sum((0, 2), dtype=f64), norms.square_().view(n, c, -1).sum((0, 2), dtype=f64)
 
 
