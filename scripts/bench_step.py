@@ -74,6 +74,22 @@ def check_agreement(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tens
     return diff
 
 
+def print_profile(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int, top: int) -> None:
+    """Each model's ``top`` ATen ops and autograd Functions by self CPU time per step (torch profiler)."""
+    from torch.profiler import profile
+
+    for name, model in models.items():
+        run = make_step(copy.deepcopy(model), x, y, steps)
+        run()
+        with profile() as prof:
+            run()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+        print(f"\nprofile, {name}: {total:.1f} ms self CPU per step; top {top} (ms per step, calls per step)")
+        rows = [[e.key[:48], e.self_cpu_time_total / steps / 1e3, e.count // steps] for e in events[:top]]
+        print_table(["op", "ms", "calls"], rows, floatfmt=".2f")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kernel", choices=["eager", "compiled"], default="eager", help="bn_lightning.functional.set_kernel for ours"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="also print each model's TOP ops")
     args = parser.parse_args(argv)
     if args.batch < 2 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("need --batch >= 2, --rounds >= 1, --steps >= 1, --warmup >= 0")
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         summary.append([threads, ratio, f"[{q1:.3f}, {q3:.3f}]", "met" if ratio <= TARGET else "missed"])
+        if args.profile > 0:
+            print_profile(models, x, y, args.steps, args.profile)
     print(f"\nsummary: scratch / torch step time (target <= {TARGET}x)")
     print_table(["threads", "ratio", "[q1, q3]", "target"], summary)
     print(f"\nafter the run: {load_line()}")
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved += ["--warmup", str(args.warmup), "--thread-counts", *map(str, args.thread_counts)]
     resolved += ["--seed", str(args.seed)] + (["--channels-last"] if args.channels_last else [])
     resolved += ["--kernel", args.kernel] if args.kernel != "eager" else []
+    resolved += ["--profile", str(args.profile)] if args.profile > 0 else []
     print(f"reproduce: {reproduce_command(resolved)}")
     return 0
 
