@@ -39,8 +39,12 @@ CASES = {
     "1d_NC_remainder": (B.GhostBatchNorm1d, (10, C), 4, [4, 4, 2], None, 0.0),
     "1d_NC_single_merged": (B.GhostBatchNorm1d, (9, C), 4, [4, 5], None, 0.0),
     "1d_NCL": (B.GhostBatchNorm1d, (10, C, 70), 4, [4, 4, 2], None, 0.0),
+    "1d_NCL_even": (B.GhostBatchNorm1d, (8, C, 128), 4, [4, 4], None, 0.0),
+    # rows of 67 values (a prime) and 2048 channels: no shift plane fits, the grouped kernels multiply then add
+    "1d_NCL_even_no_plane": (B.GhostBatchNorm1d, (8, 2048, 67), 4, [4, 4], None, 0.0),
 }
-GROUPED = {"2d_even", "2d_centred", "2d_blocked"}  # the cases the grouped kernels serve (checked below)
+# the cases the grouped kernels serve (checked below)
+GROUPED = {"2d_even", "2d_centred", "2d_blocked", "1d_NCL_even", "1d_NCL_even_no_plane"}
 CLOSE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 CONFIGS = {
     "default": dict(momentum=0.1, affine=True, track_running_stats=True),
@@ -214,7 +218,7 @@ def test_functional_matches_batch_norm_with_stats_per_virtual_batch():
     assert stats.count == 7
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] is B.GhostBatchNorm2d])
+@pytest.mark.parametrize("case", list(CASES))
 def test_the_grouped_kernels_serve_exactly_the_grouped_cases(case, monkeypatch):
     import bn_lightning.functional.ghost as ghost_module
 
@@ -232,10 +236,11 @@ def _float64_ghost(x, sizes, weight, bias, grad, eps=1e-5):
     x64 = x.double().requires_grad_()
     w64, b64 = weight.double().requires_grad_(), bias.double().requires_grad_()
     outs = []
+    dims, view = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
     for chunk in x64.split(sizes):
-        mean = chunk.mean((0, 2, 3), keepdim=True)
-        var = chunk.var((0, 2, 3), correction=0, keepdim=True)
-        outs.append((chunk - mean) / torch.sqrt(var + eps) * w64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1))
+        mean = chunk.mean(dims, keepdim=True)
+        var = chunk.var(dims, correction=0, keepdim=True)
+        outs.append((chunk - mean) / torch.sqrt(var + eps) * w64.view(view) + b64.view(view))
     y = torch.cat(outs)
     y.backward(grad.double())
     return y, x64.grad, w64.grad, b64.grad
