@@ -39,7 +39,8 @@ What this package provides:
 
 Where it lives: :mod:`~bn_lightning.functional.stats` (the types, computing and merging statistics; its eager
 kernels in :mod:`~bn_lightning.functional.stats_kernels`), :mod:`~bn_lightning.functional.backward` (the
-closed-form backward), :mod:`~bn_lightning.functional.running_stats` (the running update and the eval transform),
+closed-form backward), :mod:`~bn_lightning.functional.small` (the training kernel for inputs of up to 8K values:
+few ops, in float64), :mod:`~bn_lightning.functional.running_stats` (the running update and the eval transform),
 :mod:`~bn_lightning.functional.batchnorm` (the forward of a layer and its autograd Function),
 :mod:`~bn_lightning.functional.ghost` (virtual batches; its grouped kernels in
 :mod:`~bn_lightning.functional.ghost_kernels`), :mod:`~bn_lightning.functional.compiled` (the kernel

@@ -1,7 +1,8 @@
 """The forward of a BN layer: :func:`batch_norm` and :func:`batch_norm_with_stats`.
 
 Training-mode BN runs through an autograd Function with a hand-written backward (optionally synchronised by a
-:class:`~bn_lightning.functional.StatsReducer`, optionally with the Batch Renorm correction); eval mode through
+:class:`~bn_lightning.functional.StatsReducer`, optionally with the Batch Renorm correction; local plain BN of a CPU
+input of up to 8K values takes the float64 kernel of :mod:`~bn_lightning.functional.small`); eval mode through
 :func:`~bn_lightning.functional.normalize`. Forward-mode AD and ``torch.func`` transforms take the composite path
 (:mod:`~bn_lightning.functional.composite`), and so does the backward when a graph of it is asked for
 (``create_graph=True``) or when its incoming gradient is batched (``vmap``).
@@ -19,6 +20,7 @@ from bn_lightning.functional.channels import _affine, _as_dtype, _channel_view, 
 from bn_lightning.functional.compiled import _compiled_train, _use_compiled
 from bn_lightning.functional.composite import batch_norm_backward_composite, batch_norm_composite, needs_composite
 from bn_lightning.functional.running_stats import normalize, update_running_stats
+from bn_lightning.functional.small import small_backward, small_eligible, small_forward
 from bn_lightning.functional.stats import BatchStats, Count, Renorm, StatsReducer, _add_parts
 from bn_lightning.functional.stats_kernels import _centered_stats
 
@@ -28,6 +30,16 @@ class _BatchNormTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, reducer, renorm):  # type: ignore[override]
+        ctx.eps = eps
+        ctx.reducer = reducer
+        ctx.in_dtype = x.dtype
+        ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors for them in backward
+        ctx.small = reducer is None and renorm is None and small_eligible(x)
+        if ctx.small:  # few ops in float64 (see bn_lightning.functional.small)
+            y, mean, var, centered64, invstd64, scale64 = small_forward(x, weight, bias, eps)
+            ctx.save_for_backward(x, weight, centered64, invstd64, scale64)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var, x.numel() // x.shape[1]
         center, offset, var, count, centered, scratch = _centered_stats(x)
         if reducer is None:
             mean = _add_parts(center, offset)
@@ -57,17 +69,15 @@ class _BatchNormTrainFn(torch.autograd.Function):
         # x, not the centred input: the backward recomputes x - center (bit for bit the forward's), and a graph of
         # the backward (create_graph=True) differentiates through x; one activation-sized tensor either way
         ctx.save_for_backward(x, invstd, weight, weight_eff, offset, r, d, center)
-        ctx.eps = eps
         ctx.count = count
-        ctx.reducer = reducer
-        ctx.in_dtype = x.dtype
         # a SyncBatchNorm's count comes back from its reducer as a tensor: no gradient flows to it either
         ctx.mark_non_differentiable(mean, var, *([count] if isinstance(count, Tensor) else []))
-        ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors for them in backward
         return y, mean, var, count
 
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gc):  # type: ignore[override]
+        if ctx.small:
+            return _small_backward(ctx, grad_out)
         x, invstd, weight, weight_eff, offset, r, d, center = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_out is None:  # not materialised: the output took no part in what was differentiated
@@ -77,6 +87,21 @@ class _BatchNormTrainFn(torch.autograd.Function):
         centered = x if center is None else x - _channel_view(center, x)
         with torch.no_grad():
             return _eager_backward(ctx, grad_out, centered, invstd, weight, weight_eff, offset, r, d)
+
+
+def _small_backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The backward of the small-input kernel (:func:`~bn_lightning.functional.small.small_backward`)."""
+    x, weight, centered64, invstd64, scale64 = ctx.saved_tensors
+    if grad_out is None:  # not materialised: the output took no part in what was differentiated
+        grad_out = torch.zeros_like(x)
+    if torch.is_grad_enabled() or needs_composite(grad_out):
+        return _composite_backward(ctx, grad_out, x, weight, None, None)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    with torch.no_grad():
+        dx, sum_dy, sum_dy_xhat = small_backward(grad_out, centered64, invstd64, scale64, need_x)
+    grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
+    grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype) if need_b else None
+    return dx, grad_w, grad_b, None, None, None
 
 
 def _composite_backward(

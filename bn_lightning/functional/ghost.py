@@ -33,6 +33,7 @@ from bn_lightning.functional.ghost_kernels import (
     grouped_stats,
 )
 from bn_lightning.functional.running_stats import update_running_stats
+from bn_lightning.functional.small import small_backward, small_eligible, small_forward
 from bn_lightning.functional.stats import BatchStats, _add_parts, merge_finite_stats, merge_stats
 from bn_lightning.functional.stats_kernels import _centered_stats
 
@@ -210,8 +211,18 @@ class _GhostTrainFn(torch.autograd.Function):
             ctx.mark_non_differentiable(mean, var)
             return y, mean, var
         y = torch.empty_like(x)
-        centers, offsets, invstds, means, variances = [], [], [], [], []
+        centers, offsets, invstds, means, variances, smalls = [], [], [], [], [], []
         for x_chunk, y_chunk in zip(x.split(sizes), y.split(sizes), strict=True):
+            if small_eligible(x_chunk):  # the small-input kernel, as a plain BN call on this virtual batch takes
+                out, mean, var, centered64, invstd64, scale64 = small_forward(x_chunk, weight, bias, eps)
+                y_chunk.copy_(out)
+                centers.append(None)
+                offsets.append(None)
+                invstds.append(invstd64)
+                smalls.append((centered64, scale64))
+                means.append(mean)
+                variances.append(var)
+                continue
             center, offset, var, _, centered, _ = _centered_stats(x_chunk)
             invstd = torch.rsqrt(var + eps)
             scale, shift = _scale_shift(invstd, weight, bias, offset)
@@ -221,12 +232,13 @@ class _GhostTrainFn(torch.autograd.Function):
             centers.append(center)
             offsets.append(offset)
             invstds.append(invstd)
+            smalls.append(None)
             means.append(_add_parts(center, offset))
             variances.append(var)
         mean, var = torch.stack(means), torch.stack(variances)
         # x, not the centred input: the backward recomputes each x - center (bit for bit the forward's)
         ctx.save_for_backward(x, weight)
-        ctx.chunk_stats = (centers, offsets, invstds)
+        ctx.chunk_stats = (centers, offsets, invstds, smalls)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -242,7 +254,8 @@ class _GhostTrainFn(torch.autograd.Function):
                 mean, invstd = ctx.grouped
                 if grad_out.is_contiguous() and grad_out.dtype == x.dtype:
                     return _grouped_backward(ctx, grad_out, x, weight, mean, invstd)
-                ctx.chunk_stats = ([None] * len(ctx.sizes), list(mean.unbind()), list(invstd.unbind()))
+                none = [None] * len(ctx.sizes)
+                ctx.chunk_stats = (none, list(mean.unbind()), list(invstd.unbind()), none)
             return _eager_backward(ctx, grad_out, x, weight)
 
 
@@ -261,13 +274,24 @@ def _sum_in_reverse(parts: list[Tensor]) -> Tensor:
 def _eager_backward(ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor | None) -> tuple[Tensor | None, ...]:
     """Per virtual batch: the two per-channel sums, then its input gradient into its slice of one ``dx``."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    centers, offsets, invstds = ctx.chunk_stats
+    centers, offsets, invstds, smalls = ctx.chunk_stats
     dx = torch.empty_like(x) if need_x else None
     dx_chunks = dx.split(ctx.sizes) if dx is not None else [None] * len(ctx.sizes)
     grad_ws, grad_bs = [], []
     param_dtype = weight.dtype if weight is not None else grad_out.dtype
-    chunks = zip(x.split(ctx.sizes), grad_out.split(ctx.sizes), dx_chunks, centers, offsets, invstds, strict=True)
-    for x_chunk, dy_chunk, dx_chunk, center, offset, invstd in chunks:
+    per_chunk = (dx_chunks, centers, offsets, invstds, smalls)
+    chunks = zip(x.split(ctx.sizes), grad_out.split(ctx.sizes), *per_chunk, strict=True)
+    for x_chunk, dy_chunk, dx_chunk, center, offset, invstd, small in chunks:
+        if small is not None:
+            centered64, scale64 = small
+            out, sum_dy, sum_dy_xhat = small_backward(dy_chunk, centered64, invstd, scale64, dx_chunk is not None)
+            if dx_chunk is not None and out is not None:
+                dx_chunk.copy_(out)
+            if need_w and weight is not None:
+                grad_ws.append(sum_dy_xhat.to(weight.dtype))
+            if need_b:
+                grad_bs.append(sum_dy.to(param_dtype))
+            continue
         centered = x_chunk if center is None else x_chunk - _channel_view(center, x_chunk)
         sum_dy, sum_dy_xhat, scratch = _grad_reductions(dy_chunk, centered, invstd, offset)
         if need_w and weight is not None:

@@ -30,6 +30,15 @@ CASES = {
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
+@pytest.fixture(params=["small", "blocked"])
+def kernel_path(request, monkeypatch):
+    """Both CPU training kernels on the same small inputs: the float64 small-input kernel, and the blocked float32
+    kernels that serve inputs above ``SMALL_VALUES`` (forced here by setting that limit to zero)."""
+    if request.param == "blocked":
+        monkeypatch.setattr("bn_lightning.functional.small.SMALL_VALUES", 0)
+    return request.param
+
+
 def _pair(ours_cls, torch_cls, dtype, **kwargs):
     ref = torch_cls(6, dtype=dtype, **kwargs)
     if ref.affine:  # non-trivial gamma/beta, identical in both
@@ -76,7 +85,7 @@ def _assert_same(ours, ref, dtype, values_per_channel=1, ref64=None):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_torch(case, momentum, affine, track, dtype):
+def test_parity_with_torch(case, momentum, affine, track, dtype, kernel_path):
     ours_cls, torch_cls, shape, fmt = CASES[case]
     ours, ref = _pair(ours_cls, torch_cls, dtype, momentum=momentum, affine=affine, track_running_stats=track)
     for mode, seed in itertools.product(("train", "eval"), range(3)):
@@ -125,7 +134,7 @@ def test_bf16_autocast_cpu(case):
 @pytest.mark.parametrize(
     "cls,shape", [(B.BatchNorm1d, (5, 3)), (B.BatchNorm2d, (3, 3, 2, 3)), (B.BatchNorm3d, (2, 3, 2, 2, 2))]
 )
-def test_gradcheck_float64(cls, shape, affine, training):
+def test_gradcheck_float64(cls, shape, affine, training, kernel_path):
     layer = cls(3, affine=affine, dtype=torch.float64)
     if affine:
         with torch.no_grad():
