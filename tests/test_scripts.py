@@ -47,7 +47,7 @@ def test_demo_precise_bn_repairs_the_running_statistics(capsys):
         ("bench_guard", ["--rounds", "1", "--steps", "1", "--warmup-steps", "0", "--threads", "1"]),
         ("bench_variants", ["--shape", "8", "4", "4", "4", "--rounds", "2", "--warmup", "0", "--threads", "1"]),
         ("bench_step", ["--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0", "--thread-counts", "1"]),
-        ("bench_overhead", ["--rounds", "2", "--warmup", "0", "--number", "2"]),
+        ("bench_overhead", ["--rounds", "2", "--warmup", "0", "--number", "2", "--blocked"]),
         pytest.param(
             "bench_sync",
             ["--rounds", "2", "--warmup", "0", "--batch", "2", "--malloc", "keep"],
