@@ -6,7 +6,9 @@ a BN call is its op count, not its passes over memory: the blocked float32 kerne
 on a forward and backward. Here the batch is centred on its float64 mean (``x - mean`` in float64 by type
 promotion: exact for float32 input) and the forward and the backward are the textbook formulas on whole tensors,
 about a dozen ops each way; results are rounded once, at the end, so they are at least as accurate as the
-large-input kernels'. Private to :mod:`bn_lightning.functional`.
+large-input kernels'. (Running the core's own affine and closed-form backward on the float64 centred input instead
+measured 0.85-0.90x the blocked kernels, against ~0.65x for these formulas: their path checks and per-channel
+coefficient ops are the cost this kernel removes.) Private to :mod:`bn_lightning.functional`.
 """
 
 from __future__ import annotations
