@@ -1,14 +1,14 @@
 """The training kernel for small inputs: few ops, all in float64.
 
-Below :data:`SMALL_VALUES` values (an MLP's ``(64, 128)`` activations, the last stages of small CNNs) the cost of
-a BN call is its op count, not its passes over memory: the blocked float32 kernels of
-:mod:`~bn_lightning.functional.stats_kernels` and :mod:`~bn_lightning.functional.backward` spend 60-85 ATen calls
-on a forward and backward. Here the batch is centred on its float64 mean (``x - mean`` in float64 by type
-promotion: exact for float32 input) and the forward and the backward are the textbook formulas on whole tensors,
-about a dozen ops each way; results are rounded once, at the end, so they are at least as accurate as the
-large-input kernels'. (Running the core's own affine and closed-form backward on the float64 centred input instead
-measured 0.85-0.90x the blocked kernels, against ~0.65x for these formulas: their path checks and per-channel
-coefficient ops are the cost this kernel removes.) Private to :mod:`bn_lightning.functional`.
+Below :data:`SMALL_VALUES` values (an MLP's ``(64, 128)`` activations, the last stages of small CNNs) the cost of a
+BN call is its op count, not its passes over memory: the blocked float32 kernels of
+:mod:`~bn_lightning.functional.stats_kernels` and :mod:`~bn_lightning.functional.backward` spend 60-85 ATen calls on
+a forward and backward. Here the batch is centred on its float64 mean (``x - mean`` in float64 by type promotion:
+exact for float32 input) and the forward and the backward are the textbook formulas on whole tensors, about a dozen
+ops each way; results are rounded once, at the end, so they are at least as accurate as the large-input kernels'.
+The formulas are written out rather than taken from the core's affine transform and closed-form backward: those
+carry the path checks and per-channel coefficient ops this kernel exists to remove (docs/benchmarks.md has the A/B).
+Private to :mod:`bn_lightning.functional`.
 """
 
 from __future__ import annotations
